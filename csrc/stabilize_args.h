@@ -1,0 +1,23 @@
+// Argument checks shared by every backend of gradstab::stabilize_. Every failure names the
+// argument (and the index of the offending gradient) and happens before anything is written.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include "stabilize_math.h"
+
+namespace gradstab {
+
+// Checks the scalar arguments and packs them for stabilize_step.
+StabilizerConfig make_config(double gamma1, double gamma2, double eps, bool bias_correction,
+                             int64_t nonfinite, std::optional<double> spike_guard);
+
+// Checks that grads are dense float16/bfloat16/float32/float64 tensors on `device`, that m, v, k
+// hold one entry per grad (one in all when global_norm) with the right dtypes, and that found_inf
+// is a one-element floating tensor on `device`. For CUDA, `device` includes the index.
+void check_tensors(at::TensorList grads, const at::Tensor& m, const at::Tensor& v,
+                   const at::Tensor& k, const std::optional<at::Tensor>& found_inf,
+                   bool global_norm, c10::Device device);
+
+}  // namespace gradstab
