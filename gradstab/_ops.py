@@ -1,0 +1,63 @@
+"""Loads the compiled extension and registers what torch.compile needs to trace its op.
+
+A missing or broken ``gradstab._C`` is not an error: gradstab then runs on its pure-torch backend
+and says so once, with a ``RuntimeWarning`` that names the cause.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+try:
+    from gradstab import _C
+except (ImportError, OSError) as err:
+    _C = None
+    LOAD_ERROR: str | None = f"{type(err).__name__}: {err}"
+    warnings.warn(
+        "gradstab: the compiled extension gradstab._C could not be loaded "
+        f"({LOAD_ERROR}); falling back to the slower pure-torch backend. Reinstall with "
+        "`pip install --no-build-isolation .` next to the torch you run to get the kernels.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+else:
+    LOAD_ERROR = None
+
+HAS_EXTENSION = _C is not None
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the compiled op has a kernel for gradients on ``device_type`` ("cpu", "cuda")."""
+    if _C is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "gradstab::stabilize_", key
+    )
+
+
+def build_info() -> str:
+    return _C.build_info() if _C is not None else f"not loaded ({LOAD_ERROR})"
+
+
+if _C is not None:
+
+    @torch.library.register_fake("gradstab::stabilize_")
+    def _stabilize_fake(
+        grads: list[Tensor],
+        m: Tensor,
+        v: Tensor,
+        k: Tensor,
+        found_inf: Tensor | None,
+        gamma1: float,
+        gamma2: float,
+        eps: float,
+        bias_correction: bool,
+        global_norm: bool,
+        nonfinite: int,
+        spike_guard: float | None,
+    ) -> Tensor:
+        return m.new_empty((len(grads),), dtype=torch.float32)

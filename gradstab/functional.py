@@ -1,0 +1,196 @@
+"""The stateless core of gradstab: ``init_state`` and ``stabilize_``.
+
+For each gradient ``g`` (``granularity="param"``) or for all of them at once (``"global"``), one
+step of GradientStabilizer (Huang et al., ICML 2026) is::
+
+    n = ||g||_2                                   (accumulated in float32 or wider)
+    k += 1
+    m = gamma1 * m + (1 - gamma1) * n             first moment of the norm
+    v = gamma2 * v + (1 - gamma2) * n^2           second moment of the norm
+    m_hat = m / (1 - gamma1^k);  v_hat = v / (1 - gamma2^k)      (bias_correction)
+    g <- g * (m_hat / (sqrt(v_hat) + eps)) / max(n, eps)
+
+so ``g`` keeps its direction and takes the norm ``m_hat / (sqrt(v_hat) + eps)``. A step with a
+non-finite norm, a zero norm or ``found_inf > 0`` does not touch the statistics (see
+``stabilize_``). The whole list is handled by one call of the compiled op ``gradstab::stabilize_``
+(or its pure-torch twin), which ``torch.compile(fullgraph=True)`` can trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from gradstab import _ops, _torch_backend
+
+GRANULARITIES = ("param", "global")
+NONFINITE_POLICIES = {"zero": 0, "skip": 1, "raise": 2}
+BACKENDS = ("auto", "compiled", "torch")
+
+__all__ = ["StabilizerState", "init_state", "stabilize_", "validate_config"]
+
+
+class StabilizerState(NamedTuple):
+    """Running statistics for one list of gradients, as flat tensors on the gradients' device.
+
+    m: float64 first moment of the norm; v: float64 second moment; k: int64 number of valid
+    updates. One entry per gradient for ``granularity="param"``, a single entry for ``"global"``.
+    """
+
+    m: Tensor
+    v: Tensor
+    k: Tensor
+
+
+def validate_config(
+    gamma1: float,
+    gamma2: float,
+    eps: float,
+    bias_correction: bool,
+    granularity: str,
+    nonfinite: str,
+    spike_guard: float | None,
+) -> None:
+    """Raises ``ValueError`` (``TypeError`` for a wrong type) naming the first bad argument."""
+    for name, value in (("gamma1", gamma1), ("gamma2", gamma2)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"gradstab: {name} must be a float, got {type(value).__name__}")
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"gradstab: {name} must be in [0, 1), got {value!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"gradstab: eps must be a float, got {type(eps).__name__}")
+    if not (eps > 0.0 and eps != float("inf")):
+        raise ValueError(f"gradstab: eps must be a finite number > 0, got {eps!r}")
+    if not isinstance(bias_correction, bool):
+        raise TypeError(
+            f"gradstab: bias_correction must be a bool, got {type(bias_correction).__name__}"
+        )
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"gradstab: granularity must be 'param' or 'global', got {granularity!r}")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"gradstab: nonfinite must be 'zero', 'skip' or 'raise', got {nonfinite!r}"
+        )
+    if spike_guard is not None:
+        if isinstance(spike_guard, bool) or not isinstance(spike_guard, (int, float)):
+            raise TypeError(
+                f"gradstab: spike_guard must be a float or None, got {type(spike_guard).__name__}"
+            )
+        if not (spike_guard > 0.0 and spike_guard != float("inf")):
+            raise ValueError(
+                f"gradstab: spike_guard must be a finite number > 0 or None, got {spike_guard!r}"
+            )
+
+
+def init_state(
+    grads: Sequence[Tensor],
+    granularity: str = "param",
+    device: torch.device | str | None = None,
+) -> StabilizerState:
+    """Fresh (zero) statistics for ``grads``.
+
+    Args:
+        grads: the gradients the state will serve (only their number and device are used).
+        granularity: ``"param"`` (default): one (m, v, k) per gradient; ``"global"``: one in all.
+        device: where the state lives; default: the device of ``grads[0]``, else the CPU.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"gradstab: granularity must be 'param' or 'global', got {granularity!r}")
+    if device is None:
+        device = grads[0].device if len(grads) else torch.device("cpu")
+    size = 1 if granularity == "global" else len(grads)
+    return StabilizerState(
+        m=torch.zeros(size, dtype=torch.float64, device=device),
+        v=torch.zeros(size, dtype=torch.float64, device=device),
+        k=torch.zeros(size, dtype=torch.int64, device=device),
+    )
+
+
+def _use_compiled(grads: Sequence[Tensor], device: torch.device, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    same_device = all(g.device == device for g in grads)
+    if backend == "compiled":
+        if not _ops.HAS_EXTENSION:
+            raise RuntimeError(f"gradstab: backend='compiled' but {_ops.build_info()}")
+        if not (same_device and _ops.has_kernel(device.type)):
+            raise RuntimeError(
+                f"gradstab: backend='compiled' has no kernel for gradients on {device.type} "
+                "(or the gradients span several devices); use backend='auto' or 'torch'"
+            )
+        return True
+    return same_device and _ops.has_kernel(device.type)
+
+
+def stabilize_(
+    grads: Sequence[Tensor],
+    state: StabilizerState,
+    *,
+    gamma1: float = 0.6,
+    gamma2: float = 0.999,
+    eps: float = 1e-12,
+    bias_correction: bool = True,
+    granularity: str = "param",
+    nonfinite: str = "zero",
+    spike_guard: float | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """One GradientStabilizer step on ``grads``, in place; returns their norms before scaling.
+
+    Args:
+        grads: gradient tensors (float16, bfloat16, float32 or float64, dense, any strides) on
+            the device of ``state``; rescaled in place.
+        state: ``init_state(grads, granularity)``; its m, v, k are updated in place.
+        gamma1: decay of the first moment m of the norm. Default 0.6.
+        gamma2: decay of the second moment v of the norm. Default 0.999.
+        eps: added to sqrt(v_hat), and the floor of n in the division. Default 1e-12.
+        bias_correction: divide m and v by (1 - gamma^k). Default True.
+        granularity: ``"param"`` (one norm per gradient, the paper's default) or ``"global"``
+            (one norm over all gradients, like ``clip_grad_norm_``). Default ``"param"``.
+        nonfinite: what to do with a gradient whose norm is NaN or Inf: ``"zero"`` (default) sets
+            it to 0, ``"skip"`` leaves it as it is, ``"raise"`` raises ``FloatingPointError``
+            before anything changes (this one reads the norms on the host). The statistics are
+            never fed a non-finite norm.
+        spike_guard: ``None`` (default, the paper's transform) or G > 0: once k > 0 the
+            statistics are fed ``min(n, G * sqrt(v_hat_prev))``; the gradient is still divided
+            by its true n.
+        found_inf: optional one-element tensor; > 0 means a loss scaler will skip this step, so
+            nothing (gradients or state) changes.
+        backend: ``"auto"`` (default: the compiled op where it has a kernel, else torch ops),
+            ``"compiled"`` or ``"torch"``.
+
+    Returns:
+        float32 tensor ``[len(grads)]`` of the norms before scaling, on the state's device.
+    """
+    validate_config(gamma1, gamma2, eps, bias_correction, granularity, nonfinite, spike_guard)
+    if backend not in BACKENDS:
+        raise ValueError(f"gradstab: backend must be one of {BACKENDS}, got {backend!r}")
+    grads = list(grads)
+    args = (
+        grads,
+        state.m,
+        state.v,
+        state.k,
+        found_inf,
+        float(gamma1),
+        float(gamma2),
+        float(eps),
+        bias_correction,
+        granularity == "global",
+        NONFINITE_POLICIES[nonfinite],
+        None if spike_guard is None else float(spike_guard),
+    )
+    if not _use_compiled(grads, state.m.device, backend):
+        return _torch_backend.stabilize_(*args)
+    if torch.compiler.is_compiling():
+        return torch.ops.gradstab.stabilize_(*args)
+    try:
+        return torch.ops.gradstab.stabilize_(*args)
+    except RuntimeError as err:
+        if _torch_backend.NONFINITE_MESSAGE in str(err):
+            raise FloatingPointError(str(err).splitlines()[0]) from None
+        raise
