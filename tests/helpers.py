@@ -1,0 +1,91 @@
+"""Random gradient lists with odd shapes, layouts and faults, and comparison helpers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tests.conftest import RTOL
+
+SHAPES = [(0,), (1,), (1023,), (7, 13), (3, 5, 11), (97,), (2, 3, 4, 5), (257, 3), (0, 4)]
+
+
+def random_grads(
+    dtype: torch.dtype, gen: torch.Generator, shapes=SHAPES, noncontiguous: bool = True
+) -> list[Tensor]:
+    """Gradients of ``shapes`` with log-uniform scales; every third one is a strided view."""
+    grads = []
+    for i, shape in enumerate(shapes):
+        scale = 10 ** (torch.rand((), generator=gen).item() * 4 - 2)
+        if noncontiguous and i % 3 == 1 and len(shape) >= 1:
+            base = torch.randn(*shape, 2, generator=gen, dtype=torch.float64) * scale
+            g = base.to(dtype)[..., 1]
+        elif noncontiguous and i % 3 == 2 and len(shape) >= 2:
+            g = torch.randn(*reversed(shape), generator=gen, dtype=torch.float64) * scale
+            g = g.to(dtype).permute(*reversed(range(len(shape))))
+        else:
+            g = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+        grads.append(g)
+    return grads
+
+
+def inject_faults(grads: list[Tensor], gen: torch.Generator) -> list[str]:
+    """Puts NaN, Inf, all-zero and 1e4x spikes into random gradients; returns what it did."""
+    done = []
+    nonempty = [i for i, g in enumerate(grads) if g.numel() > 0]
+
+    def pick() -> int:
+        return nonempty[torch.randint(len(nonempty), (), generator=gen).item()]
+
+    def roll(p: float) -> bool:
+        return torch.rand((), generator=gen).item() < p
+
+    if roll(0.15):
+        i = pick()
+        grads[i].select(0, 0).fill_(float("nan"))
+        done.append(f"nan@{i}")
+    if roll(0.15):
+        i = pick()
+        grads[i].select(0, -1).fill_(float("-inf") if roll(0.5) else float("inf"))
+        done.append(f"inf@{i}")
+    if roll(0.1):
+        i = pick()
+        grads[i].zero_()
+        done.append(f"zero@{i}")
+    if roll(0.2):
+        i = pick()
+        grads[i].mul_(1e4 if grads[i].dtype != torch.float16 else 30.0)
+        done.append(f"spike@{i}")
+    return done
+
+
+def assert_grads_close(actual: list[Tensor], expected: list[Tensor], dtype, msg: str) -> None:
+    rtol = RTOL[dtype]
+    # Results below the smallest normal number of the dtype are rounded to its subnormal spacing.
+    finfo = torch.finfo(dtype)
+    subnormal_spacing = finfo.smallest_normal * finfo.eps
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        finite = e[torch.isfinite(e)]
+        amax = finite.abs().max().item() if finite.numel() else 0.0
+        torch.testing.assert_close(
+            a.double(),
+            e,
+            rtol=rtol,
+            atol=max(rtol * amax, subnormal_spacing),
+            equal_nan=True,
+            msg=lambda m, i=i: f"{msg}, grads[{i}]: {m}",
+        )
+
+
+def max_rel_error(actual: list[Tensor], expected: list[Tensor]) -> float:
+    """Largest |a - e| / max|e| over finite entries of each tensor."""
+    worst = 0.0
+    for a, e in zip(actual, expected):
+        mask = torch.isfinite(e)
+        if not mask.any():
+            continue
+        scale = e[mask].abs().max().item()
+        if scale == 0:
+            continue
+        worst = max(worst, ((a.double()[mask] - e[mask]).abs().max().item()) / scale)
+    return worst
