@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.gradstab-built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+PY_DIRS := $(wildcard gradstab tests benchmarks examples)
 CLANG_FORMAT_FILES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
 .PHONY: setup test lint format
@@ -27,11 +28,11 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check gradstab tests benchmarks examples
-	$(VENV)/bin/ruff format --check gradstab tests benchmarks examples
+	$(VENV)/bin/ruff check $(PY_DIRS)
+	$(VENV)/bin/ruff format --check $(PY_DIRS)
 	$(VENV)/bin/clang-format --dry-run --Werror $(CLANG_FORMAT_FILES)
 
 format: setup
-	$(VENV)/bin/ruff check --fix gradstab tests benchmarks examples
-	$(VENV)/bin/ruff format gradstab tests benchmarks examples
+	$(VENV)/bin/ruff check --fix $(PY_DIRS)
+	$(VENV)/bin/ruff format $(PY_DIRS)
 	$(VENV)/bin/clang-format -i $(CLANG_FORMAT_FILES)
