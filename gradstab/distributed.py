@@ -1,0 +1,204 @@
+"""GradientStabilizer on sharded gradients: ``DTensor`` grads of FSDP2 (``fully_shard``) and TP.
+
+Under DDP every rank holds the whole, already averaged gradient, and gradstab needs nothing
+special. Under FSDP2 each rank holds one shard of each gradient, as a ``DTensor`` whose
+placements say how the whole tensor is split over a ``DeviceMesh``. A norm taken per shard would
+rescale each piece of a parameter by a different factor and break the gradient's direction, so
+this module computes the norm of every whole parameter from its shards.
+
+NOTE: [whole-parameter norms from shards]
+The sum of squares of a tensor is the sum of the sums of squares of disjoint pieces of it. Each
+rank reduces its local shards (``torch._foreach_norm``, float32 accumulation for half types) to a
+float64 vector ``s`` of per-tensor sums of squares, and ``s`` is summed over the process groups
+of the mesh dimensions where a tensor is *sharded*: one ``all_reduce`` per such group for the
+whole vector, not one per tensor. Mesh dimensions where a tensor is replicated are left out,
+since summing identical copies would count them twice. After the sum every rank holds the same
+norms (an all-reduce gives every rank the same bits), so the state update, done redundantly on
+every rank, keeps the replicated statistics identical with no further communication; every rank
+then scales its own shards by the same factor. A ``found_inf`` flag rides in the same all-reduce,
+so a step that one rank's loss scaler skips is skipped by all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from gradstab import _torch_backend
+
+__all__ = ["has_dtensor", "is_dtensor", "refuse_fsdp1", "stabilize_"]
+
+_AVAILABLE = torch.distributed.is_available()
+if _AVAILABLE:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+FSDP1_MESSAGE = (
+    "gradstab: {label} belongs to a FullyShardedDataParallel (FSDP1) module: its gradient is a "
+    "slice of a flattened, sharded buffer, so neither its norm nor a per-parameter state can be "
+    "taken from it. gradstab supports FSDP2 (torch.distributed.fsdp.fully_shard), whose "
+    "gradients are DTensors; see docs/distributed.md"
+)
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
+    return _AVAILABLE and isinstance(t, DTensor)
+
+
+def has_dtensor(grads: Sequence[Tensor]) -> bool:
+    """Whether any of ``grads`` is a ``DTensor`` (then ``stabilize_`` of this module must run)."""
+    return _AVAILABLE and any(isinstance(g, DTensor) for g in grads)
+
+
+def check_placements(grad: Tensor, label: str) -> None:
+    """Refuses a ``DTensor`` gradient whose norm cannot be taken from its local shard.
+
+    ``Partial`` placements (pending sums, as tensor parallelism can leave them) hold summands
+    of the gradient, not pieces of it: reduce them first, e.g.
+    ``p.grad = p.grad.redistribute(placements=[Replicate() ...])``.
+    """
+    for dim, placement in enumerate(grad.placements):
+        if placement.is_partial():
+            raise ValueError(
+                f"gradstab: the gradient of {label} is a DTensor with a Partial placement on "
+                f"mesh dimension {dim} ({grad.placements}): its norm cannot be taken before the "
+                "pending reduction; redistribute it to Shard or Replicate placements before "
+                "apply()"
+            )
+        if not (placement.is_shard() or placement.is_replicate() or _is_strided_shard(placement)):
+            raise ValueError(
+                f"gradstab: the gradient of {label} is a DTensor with placement {placement} on "
+                f"mesh dimension {dim}, which gradstab does not know how to reduce"
+            )
+
+
+def refuse_fsdp1(named_params: Iterable[tuple[str, Tensor]]) -> None:
+    """Raises ``TypeError`` if a parameter belongs to an FSDP1 ``FullyShardedDataParallel``.
+
+    ``named_params`` yields (label for the error message, parameter). FSDP1 marks both its
+    ``FlatParameter`` and the original parameters it flattened.
+    """
+    if not (_AVAILABLE and dist.is_initialized()):
+        return  # FSDP1 cannot be built without a process group
+    for label, p in named_params:
+        if getattr(p, "_fsdp_flattened", False):
+            raise TypeError(FSDP1_MESSAGE.format(label=label))
+
+
+def _is_strided_shard(placement: object) -> bool:
+    return isinstance(placement, _StridedShard)
+
+
+def _reduce_groups(grad: Tensor) -> tuple:
+    """The process groups over which the local sums of squares of ``grad`` must be summed."""
+    if not isinstance(grad, DTensor):
+        return ()  # a plain tensor is the whole gradient on every rank (DDP, or not sharded)
+    mesh = grad.device_mesh
+    return tuple(
+        mesh.get_group(dim)
+        for dim, placement in enumerate(grad.placements)
+        if (placement.is_shard() or _is_strided_shard(placement)) and mesh.size(dim) > 1
+    )
+
+
+def whole_sq_norms(
+    local: list[Tensor], groups: list[tuple], device: torch.device, found_inf: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Sums of squares of the whole tensors whose local pieces are ``local``, and the found_inf
+    flag of every rank that shares them.
+
+    Args:
+        local: the local shards (plain tensors).
+        groups: per tensor, the process groups it is sharded over (``()``: not sharded).
+        device: where the float64 result lives (the state's device).
+        found_inf: this rank's flag (> 0: skip this step), or None.
+
+    Returns:
+        ``(sq, found)``: float64 ``[T]`` sums of squares on ``device``; a float64 one-element
+        tensor that is > 0 if any rank passed ``found_inf > 0`` (None if no rank could have).
+    """
+    sq = _torch_backend.grad_norms(local, device).square()
+    flag = None if found_inf is None else (found_inf.to(device).reshape(1) > 0).double()
+    by_groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(groups):
+        if key:
+            by_groups.setdefault(key, []).append(i)
+    found = flag
+    # Every rank builds this dict from the same parameter order, so all ranks issue the same
+    # collectives in the same order.
+    for key, idx in by_groups.items():
+        everything = len(idx) == len(local)
+        parts = [sq if everything else sq[idx]]
+        if flag is not None:
+            parts.append(flag)
+        buffer = torch.cat(parts)
+        for group in key:
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+        if everything:
+            sq = buffer[: len(idx)]
+        else:
+            sq[idx] = buffer[: len(idx)]
+        if flag is not None:
+            found = found + buffer[len(idx) :]
+    return sq, found
+
+
+@torch.no_grad()
+def stabilize_(
+    grads: list[Tensor],
+    m: Tensor,
+    v: Tensor,
+    k: Tensor,
+    found_inf: Tensor | None,
+    gamma1: float,
+    gamma2: float,
+    eps: float,
+    bias_correction: bool,
+    global_norm: bool,
+    nonfinite: int,
+    spike_guard: float | None,
+) -> tuple[Tensor, Tensor | None]:
+    """``gradstab::stabilize_`` for gradients that may be ``DTensor`` s; same arguments.
+
+    Every rank that holds a piece of these gradients must call it, with its pieces in the same
+    order (see NOTE: [whole-parameter norms from shards]). Plain tensors in ``grads`` count as
+    whole on every rank.
+
+    Returns:
+        ``(norms, found_inf)``: the float32 ``[T]`` norms of the whole gradients before scaling,
+        and the found_inf flag this step obeyed (> 0 if any rank sharing the gradients passed
+        ``found_inf > 0``; None if none was passed).
+    """
+    for i, g in enumerate(grads):
+        if isinstance(g, DTensor):
+            check_placements(g, f"grads[{i}]")
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    _torch_backend.check_tensors(local, m, v, k, found_inf, global_norm)
+    device = m.device
+    sq, found = whole_sq_norms(local, [_reduce_groups(g) for g in grads], device, found_inf)
+    norms = sq.sqrt()
+    skip_step: Tensor | bool = False if found is None else found.reshape(()) > 0
+    step_norms = sq.sum().sqrt().reshape(1) if global_norm else norms
+
+    if nonfinite == _torch_backend.NONFINITE_RAISE and not bool(skip_step):
+        # The norms are the same on every rank, so every rank raises (none waits in a collective).
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()) or not bool(torch.isfinite(step_norms).all()):
+            raise _torch_backend.nonfinite_error((~finite).nonzero().flatten().tolist())
+
+    factor, zero = _torch_backend.step_factors(
+        step_norms, m, v, k, skip_step, gamma1, gamma2, eps, bias_correction, nonfinite, spike_guard
+    )
+    if global_norm:
+        factor = factor.expand(len(local))
+        zero = zero.expand(len(local))
+    for dev, idx in _torch_backend._by_device(local).items():
+        factor_dev = factor.to(dev).unbind()
+        torch._foreach_mul_([local[i] for i in idx], [factor_dev[i] for i in idx])
+    if nonfinite == _torch_backend.NONFINITE_ZERO:
+        _torch_backend._zero_where(local, zero)
+    return norms.float(), found
