@@ -10,18 +10,19 @@ NOTE: [whole-parameter norms from shards]
 The sum of squares of a tensor is the sum of the sums of squares of disjoint pieces of it. Each
 rank reduces its local shards (``torch._foreach_norm``, float32 accumulation for half types) to a
 float64 vector ``s`` of per-tensor sums of squares, and ``s`` is summed over the process groups
-of the mesh dimensions where a tensor is *sharded*: one ``all_reduce`` per such group for the
-whole vector, not one per tensor. Mesh dimensions where a tensor is replicated are left out,
-since summing identical copies would count them twice. After the sum every rank holds the same
-norms (an all-reduce gives every rank the same bits), so the state update, done redundantly on
-every rank, keeps the replicated statistics identical with no further communication; every rank
-then scales its own shards by the same factor. A ``found_inf`` flag rides in the same all-reduce,
-so a step that one rank's loss scaler skips is skipped by all of them.
+of the mesh dimensions where a tensor is *sharded*: one ``all_reduce`` per such group, over all
+the tensors sharded across it, not one per tensor. Mesh dimensions where a tensor is replicated
+are left out, since summing identical copies would count them twice. After the sum every rank
+holds the same norms (an all-reduce gives every rank the same bits), so the state update, done
+redundantly on every rank, keeps the replicated statistics identical with no further
+communication; every rank then scales its own shards by the same factor. A ``found_inf`` flag
+rides in the same all-reduce, so a step that one rank's loss scaler skips is skipped by all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -119,31 +120,30 @@ def whole_sq_norms(
 
     Returns:
         ``(sq, found)``: float64 ``[T]`` sums of squares on ``device``; a float64 one-element
-        tensor that is > 0 if any rank passed ``found_inf > 0`` (None if no rank could have).
+        tensor that is > 0 if any rank sharing the tensors passed ``found_inf > 0`` (None if
+        ``found_inf`` is None).
     """
     sq = _torch_backend.grad_norms(local, device).square()
-    flag = None if found_inf is None else (found_inf.to(device).reshape(1) > 0).double()
-    by_groups: dict[tuple, list[int]] = {}
-    for i, key in enumerate(groups):
-        if key:
-            by_groups.setdefault(key, []).append(i)
-    found = flag
-    # Every rank builds this dict from the same parameter order, so all ranks issue the same
-    # collectives in the same order.
-    for key, idx in by_groups.items():
+    found = None if found_inf is None else (found_inf.to(device).reshape(1) > 0).double()
+    # One all-reduce per process group, over the tensors sharded across it. A tensor sharded
+    # over several mesh dimensions is summed over each of their groups in turn, which sums it
+    # over their product. Every rank builds this dict from the same list of gradients, so all
+    # ranks issue the same collectives in the same order.
+    tensors_of: dict[Any, list[int]] = {}
+    for i, tensor_groups in enumerate(groups):
+        for group in tensor_groups:
+            tensors_of.setdefault(group, []).append(i)
+    for group, idx in tensors_of.items():
         everything = len(idx) == len(local)
-        parts = [sq if everything else sq[idx]]
-        if flag is not None:
-            parts.append(flag)
+        index = None if everything else torch.tensor(idx, device=device)
+        parts = [sq if everything else sq.index_select(0, index)]
+        if found is not None:
+            parts.append(found)
         buffer = torch.cat(parts)
-        for group in key:
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
-        if everything:
-            sq = buffer[: len(idx)]
-        else:
-            sq[idx] = buffer[: len(idx)]
-        if flag is not None:
-            found = found + buffer[len(idx) :]
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+        sq = buffer[: len(idx)] if everything else sq.index_copy(0, index, buffer[: len(idx)])
+        if found is not None:
+            found = buffer[len(idx) :]
     return sq, found
 
 

@@ -1,9 +1,10 @@
 """One rank of the distributed tests (tests/test_distributed.py), on the CPU with gloo.
 
-Launched twice by the test (or by hand: ``torchrun --nproc-per-node 2 tests/distributed_worker.py
---out DIR --seed S``). It runs every scenario below in one process group, so that the start-up
-cost is paid once, and writes what it saw to ``DIR/rank{RANK}.pt`` for the test to compare with a
-single process and with the float64 reference. It asserts nothing itself.
+Launched on 2 ranks by the test (or by hand: ``torchrun --nproc-per-node 2
+tests/distributed_worker.py --out DIR --seed S``), it runs every scenario below in one process
+group, so that the start-up cost is paid once; on 4 ranks it runs the DTensor scenarios on a
+(2, 2) mesh. It writes what it saw to ``DIR/rank{RANK}.pt`` for the test to compare with a single
+process and with the float64 reference, and asserts nothing itself.
 
 Scenarios:
     train/*       a small MLP trained with AdamW under DDP, FSDP2 (1-D mesh) and HSDP (2-D mesh
@@ -209,10 +210,24 @@ def run_resume(rank: int, world: int, out: Path) -> dict:
 
 
 def dtensor_layouts(world: int):
-    """(mesh name, placements) cycled over the gradients; None means a plain tensor."""
+    """(mesh, placements) cycled over the gradients; None means a plain tensor.
+
+    On 2 ranks: a 1-D mesh and a (2, 1) mesh. On 4 ranks: a (2, 2) mesh, where a tensor sharded
+    on both dimensions must be summed over both groups in turn (as under FSDP2 + TP).
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
 
+    if world == 4:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        return [
+            (mesh, [Shard(0), Shard(1)]),
+            (mesh, [Shard(0), Replicate()]),
+            (mesh, [Replicate(), Shard(0)]),
+            None,
+            (mesh, [Replicate(), Replicate()]),
+            (mesh, [Shard(1), Shard(0)]),
+        ]
     mesh1 = init_device_mesh("cpu", (world,))
     mesh2 = init_device_mesh("cpu", (world, 1), mesh_dim_names=("a", "b"))
     return [
@@ -379,6 +394,14 @@ def main() -> None:
     torch.set_num_threads(1)
     try:
         results: dict = {"world": world}
+        if world == 4:
+            for granularity, nonfinite in (("param", "zero"), ("global", "skip")):
+                results[f"dtensor/float32/{granularity}/{nonfinite}"] = run_dtensor(
+                    torch.float32, granularity, nonfinite, args.seed, rank, world
+                )
+            torch.save(results, out / f"rank{rank}.pt")
+            dist.destroy_process_group()
+            return
         for mode in ("ddp", "fsdp2", "hsdp"):
             for granularity in ("param", "global"):
                 results[f"train/{mode}/{granularity}"] = run_training(

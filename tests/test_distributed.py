@@ -44,19 +44,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    """Runs the worker on 2 ranks once; returns what each rank saved (and the seed used)."""
+def _launch(world: int, out: Path) -> list[dict]:
+    """Runs the worker on ``world`` ranks; returns what each rank saved (and the seed used)."""
     seed = int(os.environ.get("GRADSTAB_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    out = tmp_path_factory.mktemp("distributed")
-    script = Path(worker.__file__)
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": str(WORLD),
+        "WORLD_SIZE": str(world),
         "OMP_NUM_THREADS": "1",
     }
+    script = Path(worker.__file__)
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), "--out", str(out), "--seed", str(seed)],
@@ -65,7 +63,7 @@ def ranks(tmp_path_factory) -> list[dict]:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for rank in range(WORLD)
+        for rank in range(world)
     ]
     logs = []
     for proc in procs:
@@ -74,13 +72,25 @@ def ranks(tmp_path_factory) -> list[dict]:
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
-            pytest.fail("the distributed worker did not finish in 240 s")
+            pytest.fail(f"the distributed worker on {world} ranks did not finish in 240 s")
     for rank, (proc, log) in enumerate(zip(procs, logs)):
         assert proc.returncode == 0, f"rank {rank} failed (GRADSTAB_TEST_SEED={seed}):\n{log}"
-    results = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    results = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
     for r in results:
         r["seed"] = seed
     return results
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """Every scenario of the worker, on 2 ranks."""
+    return _launch(WORLD, tmp_path_factory.mktemp("distributed"))
+
+
+@pytest.fixture(scope="module")
+def ranks_2x2(tmp_path_factory) -> list[dict]:
+    """The DTensor scenarios on a (2, 2) mesh of 4 ranks."""
+    return _launch(4, tmp_path_factory.mktemp("distributed_2x2"))
 
 
 @pytest.fixture(scope="module")
@@ -183,33 +193,27 @@ def test_fsdp2_resume_from_rank0_checkpoint(ranks, single):
         assert resumed["state"]["keys"] == straight["state"]["keys"]
 
 
-@pytest.mark.parametrize("run", DTENSOR_RUNS)
-def test_dtensor_grads_match_reference(ranks, run):
-    """DTensor gradients (Shard(0), Shard(1), Replicate on a 1-D mesh; (Replicate, Shard),
-    (Shard, Replicate), (Shard, Shard) on a 2-D mesh; plain tensors among them) of odd shapes
-    with NaN/Inf/zero/spike faults, 6 steps, one of which only rank 1 flags with found_inf: the
-    whole stabilized gradients, the state and the stats equal the float64 reference on the whole
-    tensors (tolerance RTOL of the dtype)."""
+def _check_against_reference(ranks: list[dict], run: str) -> None:
+    """Whole stabilized gradients, state and stats of every rank against the float64 reference,
+    with the found_inf of one rank skipping the step on all of them."""
     _, dtype_name, granularity, nonfinite = run.split("/")
     dtype = getattr(torch, dtype_name)
     rtol = RTOL[dtype]
+    stats_rtol = max(rtol, 1e-5)  # the stats are float32
     for rank, r in enumerate(ranks):
         result = r[run]
         steps = result["steps"]
-        ref = ReferenceStabilizer(
-            len(steps[0]["input"]), granularity=granularity, nonfinite=nonfinite
-        )
+        count = len(steps[0]["input"])
+        ref = ReferenceStabilizer(count, granularity=granularity, nonfinite=nonfinite)
         for i, step in enumerate(steps):
             msg = f"{run} rank {rank} step {i} {step['faults']} (GRADSTAB_TEST_SEED={r['seed']})"
             expected, norms = ref.step(step["input"], found_inf=i == worker.FOUND_INF_STEP)
             assert_grads_close(step["output"], expected, dtype, msg)
             before = math.sqrt(sum(n * n for n in norms))
             after = math.sqrt(sum(float((e * e).sum()) for e in expected))
-            stats = step["stats"]
-            stats_rtol = max(rtol, 1e-5)  # the stats are float32
             for name, value in (("norm_before", before), ("norm_after", after)):
                 torch.testing.assert_close(
-                    torch.tensor(stats[name], dtype=torch.float64),
+                    torch.tensor(step["stats"][name], dtype=torch.float64),
                     torch.tensor(value, dtype=torch.float64),
                     rtol=stats_rtol,
                     atol=0.0,
@@ -220,7 +224,32 @@ def test_dtensor_grads_match_reference(ranks, run):
         for name in ("m", "v", "k"):
             want = torch.tensor([getattr(s, name) for s in ref.states], dtype=state[name].dtype)
             torch.testing.assert_close(state[name], want, rtol=rtol, atol=0.0, msg=f"{run} {name}")
-        assert steps[worker.FOUND_INF_STEP]["stats"]["skipped"] == len(steps[0]["input"])
+        assert steps[worker.FOUND_INF_STEP]["stats"]["skipped"] == count
+
+
+@pytest.mark.parametrize("run", DTENSOR_RUNS)
+def test_dtensor_grads_match_reference(ranks, run):
+    """DTensor gradients (Shard(0), Shard(1), Replicate on a 1-D mesh; (Replicate, Shard),
+    (Shard, Replicate), (Shard, Shard) on a (2, 1) mesh; plain tensors among them) of odd shapes
+    with NaN/Inf/zero/spike faults, 6 steps, one of which only rank 1 flags with found_inf: the
+    whole stabilized gradients, the state and the stats equal the float64 reference on the whole
+    tensors (tolerance RTOL of the dtype)."""
+    _check_against_reference(ranks, run)
+
+
+@pytest.mark.parametrize("run", ["dtensor/float32/param/zero", "dtensor/float32/global/skip"])
+def test_dtensor_on_2x2_mesh(ranks_2x2, run):
+    """4 ranks, a (dp, tp) = (2, 2) mesh as FSDP2 + tensor parallelism makes: tensors sharded on
+    both dimensions (summed over both groups in turn), on one, or on none, and plain tensors.
+    Against the float64 reference as above; exactly one all-reduce per group (2 per step); the
+    state is bit-identical on the 4 ranks."""
+    _check_against_reference(ranks_2x2, run)
+    for r in ranks_2x2:
+        assert r[run]["shard_groups"] == 2
+        for step in r[run]["steps"]:
+            assert step["all_reduce_calls"] == [2, 2]
+        for name in ("m", "v", "k"):
+            assert torch.equal(r[run]["state"][name], ranks_2x2[0][run]["state"][name])
 
 
 def test_nonfinite_raise_raises_on_every_rank(ranks):
