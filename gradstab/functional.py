@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gradstab import _ops, _torch_backend
+from gradstab import _ops, _torch_backend, distributed
 
 GRANULARITIES = ("param", "global")
 NONFINITE_POLICIES = {"zero": 0, "skip": 1, "raise": 2}
@@ -159,13 +159,48 @@ def stabilize_(
             statistics are fed ``min(n, G * sqrt(v_hat_prev))``; the gradient is still divided
             by its true n.
         found_inf: optional one-element tensor; > 0 means a loss scaler will skip this step, so
-            nothing (gradients or state) changes.
+            nothing (gradients or state) changes. With sharded (``DTensor``) gradients, > 0 on
+            any rank that shares them skips the step on all of them.
         backend: ``"auto"`` (default: the compiled op where it has a kernel, else torch ops),
             ``"compiled"`` or ``"torch"``.
+
+    ``grads`` may be ``DTensor`` s (FSDP2's sharded gradients): then every rank holding pieces
+    of them must call this with the same list, and the norms are those of the whole tensors,
+    summed over ranks in one all-reduce (``gradstab.distributed``; always torch ops).
 
     Returns:
         float32 tensor ``[len(grads)]`` of the norms before scaling, on the state's device.
     """
+    return _stabilize(
+        grads,
+        state,
+        gamma1,
+        gamma2,
+        eps,
+        bias_correction,
+        granularity,
+        nonfinite,
+        spike_guard,
+        found_inf,
+        backend,
+    )[0]
+
+
+def _stabilize(
+    grads: Sequence[Tensor],
+    state: StabilizerState,
+    gamma1: float,
+    gamma2: float,
+    eps: float,
+    bias_correction: bool,
+    granularity: str,
+    nonfinite: str,
+    spike_guard: float | None,
+    found_inf: Tensor | None,
+    backend: str,
+) -> tuple[Tensor, Tensor | None]:
+    """``stabilize_``, also returning the found_inf the step obeyed: for sharded gradients, the
+    flag agreed on by every rank that holds them (one rank's flag skips the step on all)."""
     validate_config(gamma1, gamma2, eps, bias_correction, granularity, nonfinite, spike_guard)
     if backend not in BACKENDS:
         raise ValueError(f"gradstab: backend must be one of {BACKENDS}, got {backend!r}")
@@ -184,12 +219,21 @@ def stabilize_(
         NONFINITE_POLICIES[nonfinite],
         None if spike_guard is None else float(spike_guard),
     )
+    if not torch.compiler.is_compiling() and distributed.has_dtensor(grads):
+        # Sharded gradients need their norms summed over ranks before the state update, which
+        # the compiled op (it takes its own norms) cannot do: see gradstab/distributed.py.
+        if backend == "compiled":
+            raise RuntimeError(
+                "gradstab: backend='compiled' cannot take DTensor gradients (FSDP2); "
+                "use backend='auto' or 'torch'"
+            )
+        return distributed.stabilize_(*args)
     if not _use_compiled(grads, state.m.device, backend):
-        return _torch_backend.stabilize_(*args)
+        return _torch_backend.stabilize_(*args), found_inf
     if torch.compiler.is_compiling():
-        return torch.ops.gradstab.stabilize_(*args)
+        return torch.ops.gradstab.stabilize_(*args), found_inf
     try:
-        return torch.ops.gradstab.stabilize_(*args)
+        return torch.ops.gradstab.stabilize_(*args), found_inf
     except RuntimeError as err:
         if _torch_backend.NONFINITE_MESSAGE in str(err):
             raise FloatingPointError(str(err).splitlines()[0]) from None

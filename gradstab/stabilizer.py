@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradstab import _ops, _torch_backend
+from gradstab import _ops, _torch_backend, distributed
 from gradstab import functional as F
 
 Key = str | int
@@ -104,7 +104,8 @@ class StabilizerStats:
             )
             count = torch.where(skip | ~finite, 1, 0).expand(norms.shape)
             before_sq += norms.square().sum().to(self._device)
-            after_sq += (norms * factor).square().sum().to(self._device)
+            after = torch.where(factor == 0, 0.0, norms * factor)  # inf * 0 would read NaN
+            after_sq += after.square().sum().to(self._device)
             skipped += count.sum().to(self._device)
         return before_sq.sqrt().float(), after_sq.sqrt().float(), skipped
 
@@ -251,6 +252,7 @@ class GradientStabilizer:
                 optimizer.
         """
         entries, all_keys = _resolve(params)
+        distributed.refuse_fsdp1((e.label, e.param) for e in entries)
         found_inf = self._combined_found_inf(params, found_inf, scaler, optimizer)
         with_grad = [e for e in entries if e.param.grad is not None]
         for e in with_grad:
@@ -444,11 +446,12 @@ class GradientStabilizer:
         state: F.StabilizerState,
         found_inf: Tensor | None,
         labels: list[str],
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor | None]:
+        """The norms, and the found_inf the step obeyed (under FSDP2: agreed by all ranks)."""
         if found_inf is not None:
             found_inf = found_inf.to(state.m.device)
         try:
-            return F.stabilize_(grads, state, found_inf=found_inf, **self._step_kwargs())
+            return F._stabilize(grads, state, found_inf=found_inf, **self._step_kwargs())
         except FloatingPointError as err:
             bad = [int(i) for i in re.findall(r"grads\[(\d+)\]", str(err))]
             raise _torch_backend.nonfinite_error(bad, labels) from None
@@ -465,7 +468,7 @@ class GradientStabilizer:
         elif self._global.m.device != device:
             self._global = F.StabilizerState(*(t.to(device) for t in self._global))
         state = self._global
-        norms = self._run(grads, state, found_inf, [e.label for e in with_grad])
+        norms, found_inf = self._run(grads, state, found_inf, [e.label for e in with_grad])
         return _StatsPart(norms, state.m, state.v, state.k, _on(found_inf, device), True)
 
     def _apply_param(
@@ -481,12 +484,12 @@ class GradientStabilizer:
         if group.keys[:n] == keys:
             # Steady state: the state of exactly these gradients is a prefix of the flat tensors.
             state = F.StabilizerState(group.m[:n], group.v[:n], group.k[:n])
-            norms = self._run(grads, state, found_inf, labels)
+            norms, found_inf = self._run(grads, state, found_inf, labels)
         else:
             # Some parameters have no gradient this step: work on a gathered copy of the rest.
             idx = torch.tensor([group.position[key] for key in keys], device=device)
             state = F.StabilizerState(group.m[idx], group.v[idx], group.k[idx])
-            norms = self._run(grads, state, found_inf, labels)
+            norms, found_inf = self._run(grads, state, found_inf, labels)
             group.m.index_copy_(0, idx, state.m)
             group.v.index_copy_(0, idx, state.v)
             group.k.index_copy_(0, idx, state.k)
@@ -563,6 +566,8 @@ def _check_grad(e: _Entry) -> None:
             f"gradstab: parameter {e.label} has a {g.dtype} gradient; supported: float16, "
             "bfloat16, float32, float64"
         )
+    if distributed.is_dtensor(g):
+        distributed.check_placements(g, e.label)
 
 
 def _resolve(params: ParamsLike) -> tuple[list[_Entry], set[Key]]:
