@@ -54,6 +54,7 @@ def test_is_a_real_optimizer_sharing_the_inner_one():
     inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt = gradstab.StabilizedOptimizer(inner, gamma1=0.7, spike_guard=8.0)
     assert isinstance(opt, torch.optim.Optimizer)
+    assert "StabilizedOptimizer" in gradstab.__all__
     assert opt.optimizer is inner
     assert isinstance(opt.stabilizer, gradstab.GradientStabilizer)
     assert (opt.stabilizer.gamma1, opt.stabilizer.spike_guard) == (0.7, 8.0)
