@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# The integrations' libraries (the extras `hf` and `lightning`), for their tests and examples.
+EXTRAS_SPEC ?= transformers==5.18.0 accelerate==1.15.0 lightning==2.6.6
 STAMP := $(VENV)/.gradstab-built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 PY_DIRS := $(wildcard gradstab tests benchmarks examples)
@@ -19,7 +21,12 @@ $(VENV)/.deps-installed:
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy pytest ruff clang-format ninja setuptools wheel
 	touch $@
 
-$(STAMP): $(VENV)/.deps-installed $(SOURCES)
+# TORCH_SPEC again, so that pip keeps the installed torch rather than resolving another one.
+$(VENV)/.extras-installed: $(VENV)/.deps-installed
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(EXTRAS_SPEC)
+	touch $@
+
+$(STAMP): $(VENV)/.deps-installed $(VENV)/.extras-installed $(SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -c "import gradstab, gradstab._C; print('gradstab', gradstab.__version__, 'backend:', gradstab.GradientStabilizer().backend)"
 	touch $@

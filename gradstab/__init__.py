@@ -10,8 +10,15 @@ running norm statistics, so that rare gradient-norm spikes cannot blow up an upd
 """
 
 from gradstab import functional
+from gradstab.optim import StabilizedOptimizer
 from gradstab.stabilizer import GradientStabilizer, StabilizerStats
 
 __version__ = "0.1.0"
 
-__all__ = ["GradientStabilizer", "StabilizerStats", "__version__", "functional"]
+__all__ = [
+    "GradientStabilizer",
+    "StabilizedOptimizer",
+    "StabilizerStats",
+    "__version__",
+    "functional",
+]

@@ -29,6 +29,9 @@ else:
 HAS_EXTENSION = _C is not None
 
 
+# A constant for torch.compile: the kernels are registered once, when gradstab._C loads, and
+# dynamo cannot trace the dispatcher query (it would break a fullgraph=True graph).
+@torch.compiler.assume_constant_result
 def has_kernel(device_type: str) -> bool:
     """Whether the compiled op has a kernel for gradients on ``device_type`` ("cpu", "cuda")."""
     if _C is None:

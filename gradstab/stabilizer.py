@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -351,6 +352,11 @@ class GradientStabilizer:
         self._pending = {key: (m[i], v[i], k[i]) for i, key in enumerate(keys)}
         self._pending_strict = strict and merged["granularity"] == "param"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The weak reference to the last step's figures cannot be pickled: compute them now.
+        self._finalize_stats()
+        return self.__dict__.copy()
+
     def __repr__(self) -> str:
         args = ", ".join(f"{name}={getattr(self, name)!r}" for name in _CONFIG_KEYS)
         return f"GradientStabilizer({args}, backend={self.backend!r})"
@@ -573,6 +579,7 @@ def _check_grad(e: _Entry) -> None:
 def _resolve(params: ParamsLike) -> tuple[list[_Entry], set[Key]]:
     """The parameters of ``params`` with their state keys and labels, and the set of all keys."""
     if isinstance(params, nn.Module):
+        params = _unwrap_compiled(params)
         entries = [_Entry(name, repr(name), p) for name, p in params.named_parameters()]
     elif isinstance(params, torch.optim.Optimizer):
         entries = _from_groups(params.param_groups)
@@ -604,6 +611,16 @@ def _resolve(params: ParamsLike) -> tuple[list[_Entry], set[Key]]:
             )
         seen[id(e.param)] = e.label
     return entries, {e.key for e in entries}
+
+
+def _unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile(module)``, whose parameter names lack "_orig_mod.", so
+    that the state keys (and checkpoints) are the same with and without compilation."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded once anything compiled
+    compiled_type = getattr(eval_frame, "OptimizedModule", None)
+    while compiled_type is not None and isinstance(module, compiled_type):
+        module = module._orig_mod
+    return module
 
 
 def _from_groups(groups: Sequence[dict]) -> list[_Entry]:
