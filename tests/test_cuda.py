@@ -252,7 +252,7 @@ def test_found_inf_is_read_on_the_device_without_sync(inf_dtype, seed):
 
 
 def test_two_kernels_and_one_copy_per_step():
-    grads = [torch.randn(n, device=DEVICE) for n in [10, 100_000, 3, 7, 1 << 20] * 400]
+    grads = [torch.randn(n, device=DEVICE) for n in [10, 100_000, 3, 7, 1 << 16] * 400]
     state = F.init_state(grads, device=DEVICE)
     stabilize(grads, state)
     torch.cuda.synchronize()
