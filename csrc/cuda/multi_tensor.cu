@@ -109,7 +109,10 @@ ChunkedList::ChunkedList(const std::vector<at::Tensor>& tensors, c10::cuda::CUDA
     stage(static_cast<uint8_t*>(staging.get()), tensors);
     C10_CUDA_CHECK(cudaMemcpyAsync(buffer_.data_ptr(), staging.get(), layout_.upload_bytes,
                                    cudaMemcpyHostToDevice, stream_.stream()));
-    host_allocator->record_event(staging.get(), staging.get_context(), stream_.unwrap());
+    // The pinned block is reused only once the copy is done.
+    TORCH_CHECK(
+        host_allocator->record_event(staging.get(), staging.get_context(), stream_.unwrap()),
+        "gradstab: the pinned staging buffer does not come from the caching host allocator");
     return;
   }
 
