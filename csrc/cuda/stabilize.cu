@@ -136,6 +136,7 @@ __device__ __forceinline__ void store_pack(scalar_t* x, int32_t vec, const Pack<
 }
 
 // Calls f(std::true_type{}) when x allows 16-byte access, else f(std::false_type{}).
+// x must point to a gradient's data (not null: callers skip empty chunks).
 template <typename F>
 __device__ __forceinline__ void dispatch_alignment(const void* x, const F& f) {
   // Gradients are in global memory; saying so lets the compiler use global (LDG/STG) rather
@@ -264,13 +265,15 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const StepArgs a) {
   const ChunkRef ref = locate_chunk(a.list, blockIdx.x);
   void* base = a.list.data[ref.tensor];
   double acc = 0.0;
-  dispatch_dtype(a.list.dtype[ref.tensor], [&](auto* typed) {
-    using scalar_t = std::remove_pointer_t<decltype(typed)>;
-    const scalar_t* x = static_cast<const scalar_t*>(base) + ref.span.begin;
-    dispatch_alignment(x, [&](auto aligned) {
-      acc = thread_sum_squares<decltype(aligned)::value>(x, ref.span.len);
+  if (ref.span.len > 0) {  // the one chunk of an empty tensor may have no data pointer
+    dispatch_dtype(a.list.dtype[ref.tensor], [&](auto* typed) {
+      using scalar_t = std::remove_pointer_t<decltype(typed)>;
+      const scalar_t* x = static_cast<const scalar_t*>(base) + ref.span.begin;
+      dispatch_alignment(x, [&](auto aligned) {
+        acc = thread_sum_squares<decltype(aligned)::value>(x, ref.span.len);
+      });
     });
-  });
+  }
   const double chunk_sumsq = block_sum(acc, scratch);
   if (threadIdx.x == 0) {
     a.partial[blockIdx.x] = chunk_sumsq;
