@@ -7,11 +7,11 @@ TORCH_SPEC ?= torch==2.13.0
 # The integrations' libraries (the extras `hf` and `lightning`), for their tests and examples.
 EXTRAS_SPEC ?= transformers==5.18.0 accelerate==1.15.0 lightning==2.6.6
 STAMP := $(VENV)/.gradstab-built
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
 PY_DIRS := $(wildcard gradstab tests benchmarks examples)
-CLANG_FORMAT_FILES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+CLANG_FORMAT_FILES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp tests/*.cpp)
 
-.PHONY: setup test lint format
+.PHONY: setup test lint format cuda-check
 
 setup: $(STAMP)
 
@@ -43,3 +43,37 @@ format: setup
 	$(VENV)/bin/ruff check --fix $(PY_DIRS)
 	$(VENV)/bin/ruff format $(PY_DIRS)
 	$(VENV)/bin/clang-format -i $(CLANG_FORMAT_FILES)
+
+# Compiles every CUDA source for sm_80 and sm_90 with the machine's nvcc against the torch headers
+# of .venv (no GPU and no CUDA build of torch needed), and fails on an error or a register spill.
+NVCC ?= /usr/local/cuda/bin/nvcc
+CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
+CUDA_CHECK_DIR := build/cuda-check
+cuda-check: $(VENV)/.deps-installed
+	@test -x $(NVCC) || { echo "cuda-check: no nvcc at $(NVCC) (set NVCC=...)"; exit 1; }
+	@rm -rf $(CUDA_CHECK_DIR) && mkdir -p $(CUDA_CHECK_DIR)/include/c10/cuda/impl
+	@# The CPU wheel ships the c10/cuda headers but not this generated one.
+	@printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' \
+	  > $(CUDA_CHECK_DIR)/include/c10/cuda/impl/cuda_cmake_macros.h
+	@# One line per kernel and architecture from `ptxas -v`; exit status 1 on any spill.
+	@printf '%s\n' \
+	  '/Compiling entry function/ { split($$0, q, "'"'"'"); name = q[2]; arch = q[4] }' \
+	  '/bytes spill stores/ { stores = $$5; loads = $$9; if (stores + loads > 0) bad = 1 }' \
+	  '/Used [0-9]+ registers/ && name != "" { match(name, /[a-z_]*kernel/); \
+	    printf "  %s %-14s %3d registers, %d bytes spill stores, %d loads\n", arch, \
+	    substr(name, RSTART, RLENGTH), $$5, stores, loads; name = "" }' \
+	  'END { exit bad }' > $(CUDA_CHECK_DIR)/ptxas.awk
+	@set -e; torch_inc=$$($(PY) -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))"); \
+	py_inc=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])"); \
+	for src in $(CUDA_SOURCES); do \
+	  log=$(CUDA_CHECK_DIR)/$$(basename $$src).log; \
+	  echo "nvcc $$src (sm_80, sm_90)"; \
+	  $(NVCC) -c $$src -o $(CUDA_CHECK_DIR)/$$(basename $$src).o -std=c++17 -O3 -lineinfo \
+	    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -Xptxas -v \
+	    -I$(CUDA_CHECK_DIR)/include $$torch_inc -I$$py_inc --compiler-options -fPIC \
+	    -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1 \
+	    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+	    -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
+	    --expt-relaxed-constexpr > $$log 2>&1 || { cat $$log; exit 1; }; \
+	  awk -f $(CUDA_CHECK_DIR)/ptxas.awk $$log || { echo "cuda-check: spills in $$src"; exit 1; }; \
+	done; echo "cuda-check: $(words $(CUDA_SOURCES)) CUDA sources compiled for sm_80 and sm_90, no spills"

@@ -39,7 +39,9 @@ def _extension_build():
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    # No -std flag: BuildExtension adds the standard the installed torch's headers need (C++20
+    # from torch 2.14 on, whose headers no longer compile as C++17).
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
     use_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None
@@ -53,7 +55,7 @@ def _extension_build():
         ext = CUDAExtension(
             "gradstab._C",
             sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -91,3 +91,15 @@ def max_rel_error(actual: list[Tensor], expected: list[Tensor]) -> float:
         scale = max(e[mask].abs().max().item(), torch.finfo(a.dtype).smallest_normal)
         worst = max(worst, ((a.double()[mask] - e[mask]).abs().max().item()) / scale)
     return worst
+
+
+def to_device(grads: list[Tensor], device: torch.device | str) -> list[Tensor]:
+    """The same tensors on ``device`` with the same sizes, strides and storage offsets."""
+    if torch.device(device) == torch.device("cpu"):
+        return grads
+    out = []
+    for g in grads:
+        storage = torch.empty(0, dtype=g.dtype).set_(g.untyped_storage())
+        base = storage.to(device)
+        out.append(base.as_strided(g.size(), g.stride(), g.storage_offset()))
+    return out

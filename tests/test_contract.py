@@ -9,7 +9,7 @@ import torch
 
 from gradstab import functional as F
 from tests.conftest import CPU_BACKENDS, DTYPES
-from tests.helpers import assert_grads_close, inject_faults, random_grads
+from tests.helpers import assert_grads_close, inject_faults, random_grads, to_device
 from tests.reference import ReferenceStabilizer
 
 STEPS = 30
@@ -20,26 +20,27 @@ def run_against_reference(
     dtype: torch.dtype,
     seed: int,
     steps: int = STEPS,
+    device: str = "cpu",
     **config,
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     granularity = config.get("granularity", "param")
     shapes_grads = random_grads(dtype, gen)
-    state = F.init_state(shapes_grads, granularity)
+    state = F.init_state(shapes_grads, granularity, device=device)
     ref = ReferenceStabilizer(len(shapes_grads), **config)
     for step in range(steps):
-        grads = random_grads(dtype, gen)
+        grads = to_device(random_grads(dtype, gen), device)
         faults = inject_faults(grads, gen)
         skip = torch.rand((), generator=gen).item() < 0.1
         use_found_inf = torch.rand((), generator=gen).item() < 0.5
-        found_inf = torch.tensor(float(skip)) if use_found_inf else None
+        found_inf = torch.tensor(float(skip), device=device) if use_found_inf else None
         skip = skip and found_inf is not None
         where = f"seed={seed} step={step} faults={faults} found_inf={skip}"
         expected, ref_norms = ref.step(grads, found_inf=skip)
         norms = F.stabilize_(grads, state, found_inf=found_inf, backend=backend, **config)
         assert_grads_close(grads, expected, dtype, where)
         torch.testing.assert_close(
-            norms.double(),
+            norms.cpu().double(),
             torch.tensor(ref_norms, dtype=torch.float64),
             rtol=1e-5,
             atol=0,
@@ -49,10 +50,11 @@ def run_against_reference(
         ref_m = torch.tensor([s.m for s in ref.states], dtype=torch.float64)
         ref_v = torch.tensor([s.v for s in ref.states], dtype=torch.float64)
         ref_k = torch.tensor([s.k for s in ref.states], dtype=torch.int64)
-        torch.testing.assert_close(state.m, ref_m, rtol=1e-5, atol=0, msg=f"{where}: m")
-        torch.testing.assert_close(state.v, ref_v, rtol=1e-5, atol=0, msg=f"{where}: v")
-        assert torch.equal(state.k, ref_k), f"{where}: k {state.k} != {ref_k}"
-        assert torch.isfinite(state.m).all() and torch.isfinite(state.v).all(), where
+        m, v, k = (t.cpu() for t in state)
+        torch.testing.assert_close(m, ref_m, rtol=1e-5, atol=0, msg=f"{where}: m")
+        torch.testing.assert_close(v, ref_v, rtol=1e-5, atol=0, msg=f"{where}: v")
+        assert torch.equal(k, ref_k), f"{where}: k {k} != {ref_k}"
+        assert torch.isfinite(m).all() and torch.isfinite(v).all(), where
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
