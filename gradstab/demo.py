@@ -385,16 +385,6 @@ class DemoResults:
         """Median final loss over the sweep's seeds (NaN counts as +inf)."""
         return statistics.median(_inf_if_nan(run.curve[-1]) for run in self.sweep[method][lr])
 
-    def stable_up_to(self, method: str) -> float | None:
-        """The largest lr of the sweep up to which every run of ``method`` (every seed, every
-        smaller lr) ends below the unigram loss; None if even the smallest does not."""
-        best = None
-        for lr in self.cfg.sweep_lrs:
-            if not all(run.curve[-1] < self.unigram_loss for run in self.sweep[method][lr]):
-                break
-            best = lr
-        return best
-
 
 def _inf_if_nan(x: float) -> float:
     return math.inf if math.isnan(x) else x
@@ -405,6 +395,8 @@ def scale_label(scale: float, batch: int) -> str:
         return "spikes"
     if scale == batch:
         return f"spikes, grads x{scale:g} (loss summed)"
+    if scale < 1.0:
+        return f"spikes, grads x{scale:g} (loss / {1 / scale:g})"
     return f"spikes, grads x{scale:g}"
 
 
@@ -462,6 +454,10 @@ def _fmt_loss(x: float) -> str:
     return f"{x:.3f}" if math.isfinite(x) else str(x)
 
 
+def _fmt_short(x: float) -> str:
+    return f"{x:.2f}" if abs(x) < 100 else f"{x:.3g}"
+
+
 def spike_table(results: DemoResults) -> str:
     """The markdown table of the spiked runs: one row per (experiment, method)."""
     lines = [
@@ -479,29 +475,29 @@ def spike_table(results: DemoResults) -> str:
 
 
 def sweep_table(results: DemoResults) -> str:
-    """The markdown table of the sweep: median final loss per (method, lr) over the seeds, with
-    the count of diverged runs, and the largest lr up to which every run beat the unigram loss."""
+    """The markdown table of the sweep: per (method, lr) the median final loss over the seeds
+    with its range, and per method the number of diverged runs."""
     cfg = results.cfg
     seeds = len(cfg.sweep_seeds)
     lines = [
-        "| method | "
-        + " | ".join(f"lr {lr:g}" for lr in cfg.sweep_lrs)
-        + " | diverged | below unigram up to |",
-        "|---|" + "---:|" * len(cfg.sweep_lrs) + "---:|---:|",
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in cfg.sweep_lrs) + " | diverged |",
+        "|---|" + "---:|" * len(cfg.sweep_lrs) + "---:|",
     ]
     for method, by_lr in results.sweep.items():
         cells = []
         count = 0
         for lr in cfg.sweep_lrs:
-            bad = sum(diverged(run.curve) for run in by_lr[lr])
-            count += bad
-            cell = _fmt_loss(results.sweep_median(method, lr))
-            cells.append(cell + (f" ({bad} div)" if bad else ""))
-        edge = results.stable_up_to(method)
+            finals = [run.curve[-1] for run in by_lr[lr]]
+            count += sum(diverged(run.curve) for run in by_lr[lr])
+            cell = _fmt_short(results.sweep_median(method, lr))
+            if seeds > 1:
+                low, high = min(finals), max(_inf_if_nan(x) for x in finals)
+                cell += f" ({_fmt_short(low)}-{_fmt_short(high)})"
+            cells.append(cell)
         lines.append(
             f"| {METHODS[method]} | "
             + " | ".join(cells)
-            + f" | {count}/{len(cfg.sweep_lrs) * seeds} | {'-' if edge is None else f'{edge:g}'} |"
+            + f" | {count}/{len(cfg.sweep_lrs) * seeds} |"
         )
     return "\n".join(lines)
 
@@ -531,25 +527,43 @@ def plot(results: DemoResults, out: Path) -> None:
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("held-out loss (nats/char)", fontsize=8)
     ax = axes[len(results.spiked)]
-    for method in results.sweep:
-        medians = [results.sweep_median(method, lr) for lr in cfg.sweep_lrs]
-        shown = [min(x, top) for x in medians]
-        ax.plot(cfg.sweep_lrs, shown, "o-", color=COLORS[method], ms=3, lw=1.2)
+    for i, method in enumerate(results.sweep):
+        # Each method a little to the side of the others, so the seed ranges do not overlap.
+        lrs = [lr * 1.08 ** (i - 1.5) for lr in cfg.sweep_lrs]
+        medians = [min(results.sweep_median(method, lr), top) for lr in cfg.sweep_lrs]
+        finals = [
+            [min(_inf_if_nan(r.curve[-1]), top) for r in results.sweep[method][lr]]
+            for lr in cfg.sweep_lrs
+        ]
+        low = [m - min(f) for m, f in zip(medians, finals)]
+        high = [max(f) - m for m, f in zip(medians, finals)]
+        ax.errorbar(
+            lrs,
+            medians,
+            yerr=[low, high],
+            fmt="o-",
+            color=COLORS[method],
+            ms=3,
+            lw=1.2,
+            elinewidth=0.8,
+            capsize=2,
+            label=METHODS[method],
+        )
     ax.axhline(results.unigram_loss, color="gray", ls="--", lw=0.8)
     ax.text(
         cfg.sweep_lrs[0], results.unigram_loss, "unigram", fontsize=7, color="gray", va="bottom"
     )
     ax.set_xscale("log")
     ax.set_title(
-        f"lr sweep, no spikes: median final loss of {len(cfg.sweep_seeds)} seed(s), "
-        f"{cfg.sweep_steps} steps",
+        f"lr sweep, no spikes: final loss after {cfg.sweep_steps} steps\n"
+        f"(median and range of {len(cfg.sweep_seeds)} seed(s))",
         fontsize=9,
     )
     ax.set_xlabel("AdamW learning rate", fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     for ax in axes:
         ax.set_ylim(1.9, top)
         ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
