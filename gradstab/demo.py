@@ -128,11 +128,11 @@ FULL = DemoConfig(
     sweep_seeds=(0, 1, 2),
 )
 QUICK = DemoConfig(
-    steps=90,
-    spikes=((30, 1e2), (60, 1e4)),
+    steps=60,
+    spikes=((20, 1e2), (40, 1e4)),
     grad_scales=(1.0, 100.0, 0.01),
     sweep_lrs=(3e-3, 1e-1, 1.0),
-    sweep_steps=60,
+    sweep_steps=40,
     sweep_seeds=(0,),
     eval_size=256,
 )
