@@ -261,3 +261,17 @@ def test_cli_bench_without_the_engine_says_so(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradstab.bench", None)  # makes the import fail
     assert cli.main(["bench"]) == 2
     assert "no benchmark engine" in capsys.readouterr().err
+
+
+def test_demo_without_matplotlib_says_so_before_training(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes the import fail
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("trained anyway"))
+    assert demo.main(["--quick"]) == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_console_script_is_the_cli():
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="gradstab")
+    assert script.load() is cli.main
