@@ -11,9 +11,9 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 PY_DIRS := $(wildcard gradstab tests benchmarks examples)
 CLANG_FORMAT_FILES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp tests/*.cpp)
 
-.PHONY: setup test lint format cuda-check
+.PHONY: setup test lint format cuda-check demo
 
-setup: $(STAMP)
+setup: $(STAMP) $(VENV)/.demo-deps
 
 $(VENV)/.deps-installed:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,16 @@ $(STAMP): $(VENV)/.deps-installed $(VENV)/.extras-installed $(SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -c "import gradstab, gradstab._C; print('gradstab', gradstab.__version__, 'backend:', gradstab.GradientStabilizer().backend)"
 	touch $@
+
+# The demo's plot (and its test) need matplotlib; the pin is the wheel this project's machines
+# keep on disk. No torch comes with it.
+$(VENV)/.demo-deps: $(VENV)/.deps-installed
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install --quiet "matplotlib==3.10.9"
+	touch $@
+
+DEMO_OUT ?= out/demo.png
+demo: setup
+	$(PY) -m gradstab demo --out $(DEMO_OUT)
 
 test: setup
 	$(PY) -m pytest -q
