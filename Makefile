@@ -36,3 +36,9 @@ format: setup
 	$(VENV)/bin/ruff check --fix $(PY_DIRS)
 	$(VENV)/bin/ruff format $(PY_DIRS)
 	$(VENV)/bin/clang-format -i $(CLANG_FORMAT_FILES)
+
+# CPU benchmark (docs/benchmarks.md): the table on stdout, results in benchmarks/results/cpu.*;
+# e.g. make bench BENCH_ARGS="--preset many-small --threads 1"
+.PHONY: bench
+bench: setup
+	$(PY) benchmarks/run_cpu.py $(BENCH_ARGS)
