@@ -39,7 +39,7 @@ def _extension_build():
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
     use_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None
