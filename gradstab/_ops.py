@@ -6,6 +6,7 @@ and says so once, with a ``RuntimeWarning`` that names the cause.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -29,6 +30,7 @@ else:
 HAS_EXTENSION = _C is not None
 
 
+@functools.cache
 def has_kernel(device_type: str) -> bool:
     """Whether the compiled op has a kernel for gradients on ``device_type`` ("cpu", "cuda")."""
     if _C is None:
