@@ -83,11 +83,13 @@ def check_tensors(
 
 # NOTE: [half-precision norms on the CPU]
 # A float32 norm of a float16/bfloat16 tensor (so that it cannot overflow at 65504 or lose digits
-# to a 16-bit result) makes torch convert the whole tensor to a float32 temporary first: on the CPU
-# that is an allocation of twice the gradient's size, page faults included, and it took 8x the
-# time of the norm itself. Reducing pieces of HALF_NORM_PIECE elements keeps each temporary small
-# enough to be reused and to stay in cache; the pieces' squares are added in a fixed order.
-HALF_NORM_PIECE = 1 << 18
+# to a 16-bit result) makes torch convert the whole tensor to a float32 temporary first. On the CPU
+# that temporary is fresh memory, page faults included: 8x the time of the norm itself (and still
+# up to 3x with 1 MiB pieces, whenever malloc hands their pages back in between). So the 16-bit
+# gradients are converted piece by piece into one float32 buffer, reused batch after batch, and
+# the pieces' squares are added in a fixed order. Measured on llama-bf16 (docs/benchmarks.md).
+HALF_NORM_PIECE = 1 << 20  # elements
+HALF_NORM_BUFFER = 1 << 22  # elements (16 MiB)
 
 
 def _half_norms_cpu(grads: list[Tensor]) -> Tensor:
@@ -95,14 +97,25 @@ def _half_norms_cpu(grads: list[Tensor]) -> Tensor:
     pieces: list[Tensor] = []
     owners: list[int] = []
     for i, g in enumerate(grads):
-        parts = (
-            g.view(-1).split(HALF_NORM_PIECE)
-            if g.numel() > HALF_NORM_PIECE and g.is_contiguous()
-            else (g,)
-        )
+        # (A large strided view is first copied, in 16 bits, to be cut.)
+        parts = g.reshape(-1).split(HALF_NORM_PIECE) if g.numel() > HALF_NORM_PIECE else (g,)
         pieces.extend(parts)
         owners.extend([i] * len(parts))
-    piece_norms = torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32)).double()
+    buffer = torch.empty(min(HALF_NORM_BUFFER, sum(p.numel() for p in pieces)), dtype=torch.float32)
+    norms: list[Tensor] = []
+    batch: list[Tensor] = []
+    views: list[Tensor] = []
+    used = 0
+    for piece in [*pieces, None]:
+        if batch and (piece is None or used + piece.numel() > buffer.numel()):
+            torch._foreach_copy_(views, batch)
+            norms.extend(torch._foreach_norm(views))
+            batch, views, used = [], [], 0
+        if piece is not None:
+            views.append(buffer[used : used + piece.numel()].view(piece.shape))
+            batch.append(piece)
+            used += piece.numel()
+    piece_norms = torch.stack(norms).double()
     if len(pieces) == len(grads):
         return piece_norms
     sumsq = torch.zeros(len(grads), dtype=torch.float64)
