@@ -87,3 +87,9 @@ cuda-check: $(VENV)/.deps-installed
 	    --expt-relaxed-constexpr > $$log 2>&1 || { cat $$log; exit 1; }; \
 	  awk -f $(CUDA_CHECK_DIR)/ptxas.awk $$log || { echo "cuda-check: spills in $$src"; exit 1; }; \
 	done; echo "cuda-check: $(words $(CUDA_SOURCES)) CUDA sources compiled for sm_80 and sm_90, no spills"
+
+# CPU benchmark (docs/benchmarks.md): the table on stdout, results in benchmarks/results/cpu.*;
+# e.g. make bench BENCH_ARGS="--preset many-small --threads 1"
+.PHONY: bench
+bench: setup
+	$(PY) benchmarks/run_cpu.py $(BENCH_ARGS)

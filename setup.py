@@ -41,7 +41,7 @@ def _extension_build():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     # No -std flag: BuildExtension adds the standard the installed torch's headers need (C++20
     # from torch 2.14 on, whose headers no longer compile as C++17).
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
     use_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None

@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "cpu/kernels.h"
+
 namespace gradstab {
 std::string cuda_build_info();
 }
@@ -24,12 +26,23 @@ PyObject* build_info(PyObject*, PyObject*) {
 #else
   info += "; openmp: no";
 #endif
+  info += std::string("; cpu kernels: ") + gradstab::cpu::kernel_isa();
   info += "; " + gradstab::cuda_build_info();
   return PyUnicode_FromString(info.c_str());
 }
 
+// The CPU kernel's instruction set and work-plan sizes, for tests and benchmarks.
+PyObject* cpu_kernel_info(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:s,s:L,s:L,s:i}", "isa", gradstab::cpu::kernel_isa(), "chunk_elems",
+                       static_cast<long long>(gradstab::cpu::kChunkElems), "fused_max_bytes",
+                       static_cast<long long>(gradstab::cpu::kFusedMaxBytes), "sum_lanes",
+                       gradstab::cpu::kSumLanes);
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "How gradstab._C was compiled."},
+    {"cpu_kernel_info", cpu_kernel_info, METH_NOARGS,
+     "The CPU kernel's instruction set and work-plan sizes."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -6,6 +6,7 @@ and says so once, with a ``RuntimeWarning`` that names the cause.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -32,6 +33,7 @@ HAS_EXTENSION = _C is not None
 # A constant for torch.compile: the kernels are registered once, when gradstab._C loads, and
 # dynamo cannot trace the dispatcher query (it would break a fullgraph=True graph).
 @torch.compiler.assume_constant_result
+@functools.cache
 def has_kernel(device_type: str) -> bool:
     """Whether the compiled op has a kernel for gradients on ``device_type`` ("cpu", "cuda")."""
     if _C is None:

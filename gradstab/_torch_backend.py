@@ -20,6 +20,22 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NONFINITE_MESSAGE = "gradstab: non-finite gradient norm with nonfinite='raise'"
 
 
+Groups = dict[tuple[torch.device, torch.dtype, torch.layout], list[int]]
+
+
+def group_grads(grads: list[Tensor]) -> Groups:
+    """Indices of ``grads`` by (device, dtype, layout), in order of first appearance."""
+    groups: Groups = {}
+    for i, g in enumerate(grads):
+        key = (g.device, g.dtype, g.layout)
+        members = groups.get(key)
+        if members is None:
+            groups[key] = [i]
+        else:
+            members.append(i)
+    return groups
+
+
 def check_tensors(
     grads: list[Tensor],
     m: Tensor,
@@ -27,19 +43,30 @@ def check_tensors(
     k: Tensor,
     found_inf: Tensor | None,
     global_norm: bool,
+    groups: Groups | None = None,
 ) -> None:
-    """The checks of csrc/stabilize_args.cpp, for the torch backend."""
-    for i, g in enumerate(grads):
+    """The checks of csrc/stabilize_args.cpp, for the torch backend.
+
+    ``groups``: ``group_grads(grads)``, if the caller has it.
+    """
+    groups = group_grads(grads) if groups is None else groups
+    bad = [
+        idx[0]
+        for (_, dtype, layout), idx in groups.items()
+        if layout != torch.strided or dtype not in SUPPORTED_DTYPES
+    ]
+    if bad:
+        i = min(bad)
+        g = grads[i]
         if g.layout != torch.strided:
             raise RuntimeError(
                 f"gradstab::stabilize_: grads[{i}] has layout {g.layout}; only dense (strided) "
                 "gradients are supported"
             )
-        if g.dtype not in SUPPORTED_DTYPES:
-            raise RuntimeError(
-                f"gradstab::stabilize_: grads[{i}] has dtype {g.dtype}; supported: float16, "
-                "bfloat16, float32, float64"
-            )
+        raise RuntimeError(
+            f"gradstab::stabilize_: grads[{i}] has dtype {g.dtype}; supported: float16, "
+            "bfloat16, float32, float64"
+        )
     size = 1 if global_norm else len(grads)
     for name, t, dtype in (("m", m, torch.float64), ("v", v, torch.float64), ("k", k, torch.int64)):
         if t.dtype != dtype or t.dim() != 1 or t.numel() != size:
@@ -54,22 +81,76 @@ def check_tensors(
         )
 
 
-def grad_norms(grads: list[Tensor], device: torch.device) -> Tensor:
+# NOTE: [half-precision norms on the CPU]
+# A float32 norm of a float16/bfloat16 tensor (so that it cannot overflow at 65504 or lose digits
+# to a 16-bit result) makes torch convert the whole tensor to a float32 temporary first. On the CPU
+# that temporary is fresh memory, page faults included: 8x the time of the norm itself (and still
+# up to 3x with 1 MiB pieces, whenever malloc hands their pages back in between). So the 16-bit
+# gradients are converted piece by piece into one float32 buffer, reused batch after batch, and
+# the pieces' squares are added in a fixed order. Measured on llama-bf16 (docs/benchmarks.md).
+HALF_NORM_PIECE = 1 << 20  # elements
+HALF_NORM_BUFFER = 1 << 22  # elements (16 MiB)
+
+
+def _half_norms_cpu(grads: list[Tensor]) -> Tensor:
+    """float32-accumulated norms of float16/bfloat16 CPU tensors, as float64 ``[len(grads)]``."""
+    pieces: list[Tensor] = []
+    owners: list[int] = []
+    for i, g in enumerate(grads):
+        # (A large strided view is first copied, in 16 bits, to be cut.)
+        parts = g.reshape(-1).split(HALF_NORM_PIECE) if g.numel() > HALF_NORM_PIECE else (g,)
+        pieces.extend(parts)
+        owners.extend([i] * len(parts))
+    buffer = torch.empty(min(HALF_NORM_BUFFER, sum(p.numel() for p in pieces)), dtype=torch.float32)
+    norms: list[Tensor] = []
+    batch: list[Tensor] = []
+    views: list[Tensor] = []
+    used = 0
+    for piece in [*pieces, None]:
+        if batch and (piece is None or used + piece.numel() > buffer.numel()):
+            torch._foreach_copy_(views, batch)
+            norms.extend(torch._foreach_norm(views))
+            batch, views, used = [], [], 0
+        if piece is not None:
+            views.append(buffer[used : used + piece.numel()].view(piece.shape))
+            batch.append(piece)
+            used += piece.numel()
+    piece_norms = torch.stack(norms).double()
+    if len(pieces) == len(grads):
+        return piece_norms
+    sumsq = torch.zeros(len(grads), dtype=torch.float64)
+    return sumsq.index_add_(0, torch.tensor(owners), piece_norms.square()).sqrt()
+
+
+def _members(grads: list[Tensor], groups: Groups, idx: list[int]) -> list[Tensor]:
+    return grads if len(groups) == 1 else [grads[i] for i in idx]
+
+
+def grad_norms(grads: list[Tensor], device: torch.device, groups: Groups | None = None) -> Tensor:
     """Per-tensor L2 norms as a float64 ``[T]`` tensor on ``device``.
 
     Half-precision gradients are reduced in float32 so that their norm cannot overflow at 65504.
+    ``groups``: ``group_grads(grads)``, if the caller has it.
     """
     if not grads:
         return torch.zeros(0, dtype=torch.float64, device=device)
-    norms: list[Tensor | None] = [None] * len(grads)
-    groups: dict[tuple[torch.device, bool], list[int]] = {}
-    for i, g in enumerate(grads):
-        groups.setdefault((g.device, g.dtype in (torch.float16, torch.bfloat16)), []).append(i)
-    for (_, half), idx in groups.items():
-        dtype = torch.float32 if half else None
-        for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx], 2, dtype=dtype)):
-            norms[i] = n
-    return torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
+    groups = group_grads(grads) if groups is None else groups
+    parts = []
+    for (dev, dtype, _), idx in groups.items():
+        members = _members(grads, groups, idx)
+        half = dtype in (torch.float16, torch.bfloat16)
+        if half and dev.type == "cpu":
+            norms = _half_norms_cpu(members)
+        else:
+            acc = torch.float32 if half else None
+            norms = torch.stack(torch._foreach_norm(members, 2, dtype=acc))
+        parts.append(norms.to(device=device, dtype=torch.float64))
+    if len(groups) == 1:
+        return parts[0]
+    out = torch.empty(len(grads), dtype=torch.float64, device=device)
+    for idx, norms in zip(groups.values(), parts):
+        out[torch.tensor(idx, device=device)] = norms
+    return out
 
 
 def target_norm(
@@ -132,7 +213,23 @@ def nonfinite_error(bad: list[int], labels: list[str] | None = None) -> Floating
     )
 
 
-def _zero_where(grads: list[Tensor], zero: Tensor) -> None:
+def _per_group(values: Tensor, groups: Groups, idx: list[int], dev: torch.device, dtype) -> Tensor:
+    """The entries ``idx`` of the ``[T]`` tensor ``values``, on ``dev`` as ``dtype``."""
+    if len(groups) > 1:
+        values = values[torch.tensor(idx, device=values.device)]
+    return values.to(device=dev, dtype=dtype)
+
+
+def _scale_(grads: list[Tensor], factor: Tensor, groups: Groups) -> None:
+    """``grads[i] *= factor[i]``; the factor is rounded to float32 unless the grad is float64."""
+    for (dev, dtype, _), idx in groups.items():
+        f_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        torch._foreach_mul_(
+            _members(grads, groups, idx), _per_group(factor, groups, idx, dev, f_dtype).unbind()
+        )
+
+
+def _zero_where(grads: list[Tensor], zero: Tensor, groups: Groups) -> None:
     """Sets ``grads[i]`` to exactly 0 where ``zero[i]``, even when it holds NaN or Inf."""
     if not grads:
         return
@@ -147,18 +244,10 @@ def _zero_where(grads: list[Tensor], zero: Tensor) -> None:
     # need the mask on the host. Multiplying the integer view of each gradient by 0 or 1 clears
     # or keeps its bits exactly, on the device, at the cost of one more pass over the gradients.
     int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-    views = [g.view(int_dtype[g.element_size()]) for g in grads]
     keep = (~zero).long()
-    for dev, idx in _by_device(grads).items():
-        keep_dev = keep.to(dev).unbind()
-        torch._foreach_mul_([views[i] for i in idx], [keep_dev[i] for i in idx])
-
-
-def _by_device(grads: list[Tensor]) -> dict[torch.device, list[int]]:
-    groups: dict[torch.device, list[int]] = {}
-    for i, g in enumerate(grads):
-        groups.setdefault(g.device, []).append(i)
-    return groups
+    for (dev, _, _), idx in groups.items():
+        views = [g.view(int_dtype[g.element_size()]) for g in _members(grads, groups, idx)]
+        torch._foreach_mul_(views, _per_group(keep, groups, idx, dev, torch.int64).unbind())
 
 
 @torch.no_grad()
@@ -180,9 +269,10 @@ def stabilize_(
 
     Unlike the compiled op, ``grads`` may span several devices; the state lives on ``m.device``.
     """
-    check_tensors(grads, m, v, k, found_inf, global_norm)
+    groups = group_grads(grads)
+    check_tensors(grads, m, v, k, found_inf, global_norm, groups)
     device = m.device
-    norms = grad_norms(grads, device)
+    norms = grad_norms(grads, device, groups)
     skip_step: Tensor | bool = False
     if found_inf is not None:
         skip_step = found_inf.to(device).reshape(()) > 0
@@ -199,9 +289,7 @@ def stabilize_(
     if global_norm:
         factor = factor.expand(len(grads))
         zero = zero.expand(len(grads))
-    for dev, idx in _by_device(grads).items():
-        factor_dev = factor.to(dev).unbind()
-        torch._foreach_mul_([grads[i] for i in idx], [factor_dev[i] for i in idx])
+    _scale_(grads, factor, groups)
     if nonfinite == NONFINITE_ZERO:
-        _zero_where(grads, zero)
+        _zero_where(grads, zero, groups)
     return norms.float()

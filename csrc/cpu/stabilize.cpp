@@ -1,148 +1,152 @@
 // CPU kernel of gradstab::stabilize_: one call stabilizes a whole list of gradients.
 //
-// NOTE: [chunked two-phase step]
-// Every gradient is cut into chunks of kChunkElems elements, so that one parallel loop spreads
-// the work evenly whether the list holds one huge tensor or thousands of small ones. Phase one
-// writes each chunk's sum of squares (accumulated in float64) to its own slot; the slots of a
-// tensor are then added in order, so the norm does not depend on the number of threads. The state
-// update of stabilize_math.h runs once per tensor (or once in all, for the global norm) on the
-// calling thread, and phase two rescales every chunk with its tensor's factor.
+// NOTE: [CPU work plan]
+// Every gradient is a flat run of elements, cut into chunks of kChunkElems. A tensor's sum of
+// squares is the sum of its chunks' sums (each computed in the fixed order of kernels.h), added in
+// chunk order: so its norm does not depend on the number of threads nor on how the work is split.
+//
+// Work items go to the threads in contiguous runs of about equal bytes (parallel_by_weight), so
+// one huge tensor and a thousand small ones are spread over the cores alike, with no per-tensor
+// task. With one norm per gradient (and no "raise"), a gradient of at most kFusedMaxBytes is one
+// item that its thread finishes while the data is in its cache: norm, state update, rescale. That
+// reads memory once instead of twice. Larger gradients (and every gradient, for the global norm
+// or "raise", which must see all norms before changing anything) take two passes: phase one
+// writes each chunk's sum to its own slot, the state update runs on the calling thread, and phase
+// two rescales every chunk with its tensor's factor.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <sstream>
 #include <vector>
 
 #include "../stabilize_args.h"
 #include "../stabilize_math.h"
+#include "kernels.h"
 
 namespace gradstab {
 namespace {
 
-constexpr int64_t kChunkElems = 1 << 15;
-// Lists with fewer elements than this run on the calling thread: waking the pool costs more.
-constexpr int64_t kMinParallelElems = 1 << 16;
-constexpr int kLanes = 16;
+using cpu::kChunkElems;
+using cpu::kFusedMaxBytes;
+// Lists lighter than this (in bytes, see kItemOverheadBytes) run on the calling thread: waking
+// the other threads costs more.
+constexpr int64_t kMinParallelBytes = 1 << 18;
+// The fixed cost of visiting one item, counted as bytes when the work is split.
+constexpr int64_t kItemOverheadBytes = 256;
+// Work is handed to the threads in blocks of about 1/kBlocksPerThread of a thread's share, and
+// never less than kMinBlockBytes.
+constexpr int64_t kBlocksPerThread = 8;
+constexpr int64_t kMinBlockBytes = 1 << 16;
 
-template <typename scalar_t>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
+// A gradient as the kernels see it: a flat run of `numel` elements at `data`.
+struct FlatGrad {
+  char* data;
+  int64_t numel;
+  int64_t elem_size;
+  const cpu::DtypeKernels* kernels;
+  bool fused;
 };
 
-template <typename scalar_t>
-double sum_squares(const scalar_t* data, int64_t n) {
-  // kLanes independent float64 accumulators: the compiler vectorizes the inner loop, and the
-  // fixed order of additions keeps the result bit-identical from run to run.
-  double acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      double x = static_cast<double>(static_cast<typename AccType<scalar_t>::type>(data[i + j]));
-      acc[j] += x * x;
+// The gradients whose memory is not one dense block are processed in a contiguous copy that is
+// written back at the end: (index, copy) pairs.
+using DenseCopies = std::vector<std::pair<int64_t, at::Tensor>>;
+
+std::vector<FlatGrad> flatten_grads(at::TensorList grads, DenseCopies& copies) {
+  std::vector<FlatGrad> flat;
+  flat.reserve(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    // A non-overlapping and dense tensor occupies exactly numel consecutive elements starting at
+    // its data pointer (strides are never negative), in some order: elementwise work can treat
+    // it as flat.
+    const at::Tensor* work = &g;
+    if (!g.is_non_overlapping_and_dense()) {
+      copies.emplace_back(static_cast<int64_t>(i), g.contiguous());
+      work = &copies.back().second;
     }
+    flat.push_back({static_cast<char*>(work->data_ptr()), work->numel(),
+                    static_cast<int64_t>(work->element_size()),
+                    &cpu::kernels_for(work->scalar_type()), false});
   }
-  for (int j = 0; i < n; ++i, ++j) {
-    double x = static_cast<double>(static_cast<typename AccType<scalar_t>::type>(data[i]));
-    acc[j] += x * x;
-  }
-  double total = 0.0;
-  for (int j = 0; j < kLanes; ++j) total += acc[j];
-  return total;
+  return flat;
 }
 
-template <typename scalar_t>
-void scale_in_place(scalar_t* data, int64_t n, double factor) {
-  using acc_t = typename AccType<scalar_t>::type;
-  const acc_t f = static_cast<acc_t>(factor);
-  for (int64_t i = 0; i < n; ++i) {
-    data[i] = static_cast<scalar_t>(static_cast<acc_t>(data[i]) * f);
-  }
-}
-
-template <typename F>
-void dispatch_float_types(at::ScalarType dtype, const F& f) {
-  switch (dtype) {
-    case at::kFloat:
-      f(static_cast<float*>(nullptr));
-      break;
-    case at::kDouble:
-      f(static_cast<double*>(nullptr));
-      break;
-    case at::kHalf:
-      f(static_cast<c10::Half*>(nullptr));
-      break;
-    case at::kBFloat16:
-      f(static_cast<c10::BFloat16*>(nullptr));
-      break;
-    default:
-      TORCH_CHECK(false, "gradstab: unsupported dtype ", dtype);
-  }
-}
-
-struct Chunk {
+// A piece of work: chunk [begin, end) of a tensor, or the whole fused tensor.
+struct Item {
   int64_t tensor;
   int64_t begin;
   int64_t end;
 };
 
-// A gradient as the kernels see it: a flat run of `numel` elements. For a gradient whose memory
-// is not one dense block, `work` is a contiguous copy that is written back at the end.
-struct FlatGrad {
-  at::Tensor work;
-  void* data;
-  int64_t numel;
-  at::ScalarType dtype;
-  bool is_copy;
-};
-
-std::vector<FlatGrad> flatten_grads(at::TensorList grads) {
-  std::vector<FlatGrad> flat;
-  flat.reserve(grads.size());
-  for (const at::Tensor& g : grads) {
-    // A non-overlapping and dense tensor occupies exactly numel consecutive elements starting at
-    // its data pointer (strides are never negative), in some order: elementwise work can treat
-    // it as flat.
-    bool dense = g.is_non_overlapping_and_dense();
-    at::Tensor work = dense ? g : g.contiguous();
-    flat.push_back({work, work.data_ptr(), work.numel(), work.scalar_type(), !dense});
+// Calls f(i) for every item i of `items` on the threads. The items are grouped into blocks of
+// consecutive items of about equal weight (weight(i) = bytes of item i + kItemOverheadBytes),
+// about kBlocksPerThread per thread, and each thread takes the next block until none is left: a
+// thread slowed down by another process on its core holds up at most one block.
+template <typename F>
+void parallel_by_weight(const std::vector<Item>& items, const std::vector<FlatGrad>& flat,
+                        const F& f) {
+  const int64_t n = static_cast<int64_t>(items.size());
+  std::vector<int64_t> start(n + 1, 0);  // start[i]: total weight of the items before i
+  for (int64_t i = 0; i < n; ++i) {
+    const Item& it = items[i];
+    start[i + 1] = start[i] + (it.end - it.begin) * flat[it.tensor].elem_size + kItemOverheadBytes;
   }
-  return flat;
-}
-
-std::vector<Chunk> make_chunks(const std::vector<FlatGrad>& flat) {
-  std::vector<Chunk> chunks;
-  for (int64_t t = 0; t < static_cast<int64_t>(flat.size()); ++t) {
-    for (int64_t b = 0; b < flat[t].numel; b += kChunkElems) {
-      chunks.push_back({t, b, std::min(b + kChunkElems, flat[t].numel)});
+  const int64_t total = start[n];
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (total < kMinParallelBytes || threads <= 1) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  const int64_t block_weight = std::max(kMinBlockBytes, total / (kBlocksPerThread * threads));
+  std::vector<int64_t> block_start;  // the first item of each block, then n
+  for (int64_t i = 0, bound = 0; i < n; ++i) {
+    if (start[i] >= bound) {
+      block_start.push_back(i);
+      bound = start[i] + block_weight;
     }
   }
-  return chunks;
-}
-
-template <typename F>
-void for_each_chunk(const std::vector<Chunk>& chunks, int64_t total_elems, const F& f) {
-  const int64_t n = static_cast<int64_t>(chunks.size());
-  const int64_t grain = total_elems < kMinParallelElems ? std::max<int64_t>(n, 1) : 1;
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) f(c);
+  block_start.push_back(n);
+  const int64_t num_blocks = static_cast<int64_t>(block_start.size()) - 1;
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next_block++; b < num_blocks; b = next_block++) {
+      for (int64_t i = block_start[b]; i < block_start[b + 1]; ++i) f(i);
+    }
   });
 }
 
-std::string nonfinite_message(const std::vector<double>& norms) {
+// Sum of squares of elements [begin, end) of g, which must be whole chunks of it (the last may be
+// short), added chunk by chunk in order.
+double chunked_sum_squares(const FlatGrad& g, int64_t begin, int64_t end) {
+  double total = 0.0;
+  for (int64_t b = begin; b < end; b += kChunkElems) {
+    total += g.kernels->sum_squares(g.data + b * g.elem_size, std::min(kChunkElems, end - b));
+  }
+  return total;
+}
+
+void apply_decision(const FlatGrad& g, int64_t begin, int64_t end, const StepDecision& d) {
+  if (d.action == kLeaveGrad || end <= begin) return;
+  char* data = g.data + begin * g.elem_size;
+  if (d.action == kZeroGrad) {
+    std::memset(data, 0, (end - begin) * g.elem_size);  // +0.0 in every float format
+  } else {
+    g.kernels->scale(data, end - begin, d.factor);
+  }
+}
+
+std::string nonfinite_message(const std::vector<double>& sumsq) {
   std::ostringstream msg;
   msg << "gradstab: non-finite gradient norm with nonfinite='raise' (";
   bool first = true;
-  for (size_t i = 0; i < norms.size(); ++i) {
-    if (!is_finite(norms[i])) {
+  for (size_t i = 0; i < sumsq.size(); ++i) {
+    if (!is_finite(sumsq[i])) {
       msg << (first ? "grads[" : ", grads[") << i << "]";
       first = false;
     }
@@ -158,80 +162,85 @@ at::Tensor stabilize_cpu(at::TensorList grads, at::Tensor& m, at::Tensor& v, at:
   const StabilizerConfig cfg =
       make_config(gamma1, gamma2, eps, bias_correction, nonfinite, spike_guard);
   check_tensors(grads, m, v, k, found_inf, global_norm, c10::Device(c10::kCPU));
+  const bool skip_step = found_inf.has_value() && found_inf->item<double>() > 0.0;
+  const bool may_fuse = !global_norm && !skip_step && cfg.nonfinite != kNonfiniteRaise;
 
   const int64_t num_grads = static_cast<int64_t>(grads.size());
-  std::vector<FlatGrad> flat = flatten_grads(grads);
-  std::vector<Chunk> chunks = make_chunks(flat);
-  int64_t total_elems = 0;
-  for (const FlatGrad& f : flat) total_elems += f.numel;
-
-  std::vector<double> chunk_sumsq(chunks.size());
-  for_each_chunk(chunks, total_elems, [&](int64_t c) {
-    const Chunk& ch = chunks[c];
-    const FlatGrad& g = flat[ch.tensor];
-    dispatch_float_types(g.dtype, [&](auto* typed) {
-      using scalar_t = std::remove_pointer_t<decltype(typed)>;
-      chunk_sumsq[c] =
-          sum_squares(static_cast<const scalar_t*>(g.data) + ch.begin, ch.end - ch.begin);
-    });
-  });
-
-  std::vector<double> sumsq(num_grads, 0.0);
-  for (size_t c = 0; c < chunks.size(); ++c) sumsq[chunks[c].tensor] += chunk_sumsq[c];
-  std::vector<double> norms(num_grads);
-  for (int64_t t = 0; t < num_grads; ++t) norms[t] = std::sqrt(sumsq[t]);
-
-  const bool skip_step = found_inf.has_value() && found_inf->item<double>() > 0.0;
-
-  double global = 0.0;
-  if (global_norm) {
-    double total = 0.0;
-    for (double s : sumsq) total += s;
-    global = std::sqrt(total);
-  }
-  if (cfg.nonfinite == kNonfiniteRaise && !skip_step) {
-    bool bad = global_norm && !is_finite(global);
-    for (double n : norms) bad = bad || !is_finite(n);
-    TORCH_CHECK(!bad, nonfinite_message(norms));
+  DenseCopies copies;
+  std::vector<FlatGrad> flat = flatten_grads(grads, copies);
+  std::vector<Item> items;        // phase one: fused tensors and the chunks of the others
+  std::vector<Item> scale_items;  // phase two: the chunks of the others
+  for (int64_t t = 0; t < num_grads; ++t) {
+    FlatGrad& g = flat[t];
+    g.fused = may_fuse && g.numel * g.elem_size <= kFusedMaxBytes;
+    if (g.fused) {
+      items.push_back({t, 0, g.numel});
+      continue;
+    }
+    for (int64_t b = 0; b < g.numel; b += kChunkElems) {
+      items.push_back({t, b, std::min(b + kChunkElems, g.numel)});
+    }
   }
 
   double* m_data = m.data_ptr<double>();
   double* v_data = v.data_ptr<double>();
   int64_t* k_data = k.data_ptr<int64_t>();
-  std::vector<StepDecision> decisions(num_grads);
+  std::vector<double> sumsq(num_grads, 0.0);
+  std::vector<double> item_sumsq(items.size());
+  parallel_by_weight(items, flat, [&](int64_t i) {
+    const Item& it = items[i];
+    const FlatGrad& g = flat[it.tensor];
+    const double s = chunked_sum_squares(g, it.begin, it.end);
+    item_sumsq[i] = s;
+    if (g.fused) {
+      const int64_t t = it.tensor;
+      const StepDecision d =
+          stabilize_step(std::sqrt(s), false, cfg, m_data + t, v_data + t, k_data + t);
+      apply_decision(g, 0, g.numel, d);
+    }
+  });
+  for (size_t i = 0; i < items.size(); ++i) sumsq[items[i].tensor] += item_sumsq[i];
+
+  if (cfg.nonfinite == kNonfiniteRaise && !skip_step) {
+    double total = 0.0;
+    for (double s : sumsq) total += s;
+    bool bad = global_norm && !is_finite(total);
+    for (double s : sumsq) bad = bad || !is_finite(s);
+    TORCH_CHECK(!bad, nonfinite_message(sumsq));
+  }
+
+  std::vector<StepDecision> decisions(num_grads, StepDecision{kLeaveGrad, 1.0});
   if (global_norm) {
-    StepDecision d = stabilize_step(global, skip_step, cfg, m_data, v_data, k_data);
-    for (auto& slot : decisions) slot = d;
+    double total = 0.0;
+    for (double s : sumsq) total += s;
+    const StepDecision d = stabilize_step(std::sqrt(total), skip_step, cfg, m_data, v_data, k_data);
+    std::fill(decisions.begin(), decisions.end(), d);
   } else {
     for (int64_t t = 0; t < num_grads; ++t) {
-      decisions[t] = stabilize_step(norms[t], skip_step, cfg, m_data + t, v_data + t, k_data + t);
+      if (flat[t].fused) continue;
+      decisions[t] =
+          stabilize_step(std::sqrt(sumsq[t]), skip_step, cfg, m_data + t, v_data + t, k_data + t);
     }
   }
 
-  for_each_chunk(chunks, total_elems, [&](int64_t c) {
-    const Chunk& ch = chunks[c];
-    const StepDecision& d = decisions[ch.tensor];
-    if (d.action == kLeaveGrad) return;
-    const FlatGrad& g = flat[ch.tensor];
-    dispatch_float_types(g.dtype, [&](auto* typed) {
-      using scalar_t = std::remove_pointer_t<decltype(typed)>;
-      scalar_t* data = static_cast<scalar_t*>(g.data) + ch.begin;
-      if (d.action == kZeroGrad) {
-        std::fill(data, data + (ch.end - ch.begin), scalar_t(0));
-      } else {
-        scale_in_place(data, ch.end - ch.begin, d.factor);
-      }
-    });
-  });
-  for (int64_t t = 0; t < num_grads; ++t) {
-    if (flat[t].is_copy && decisions[t].action != kLeaveGrad) {
-      grads[t].copy_(flat[t].work);
+  for (const Item& it : items) {
+    if (!flat[it.tensor].fused && decisions[it.tensor].action != kLeaveGrad) {
+      scale_items.push_back(it);
     }
+  }
+  parallel_by_weight(scale_items, flat, [&](int64_t i) {
+    const Item& it = scale_items[i];
+    apply_decision(flat[it.tensor], it.begin, it.end, decisions[it.tensor]);
+  });
+  for (const auto& [t, copy] : copies) {
+    // A fused copy was changed unless its norm was zero or its step skipped; writing it back
+    // unchanged is harmless.
+    if (flat[t].fused || decisions[t].action != kLeaveGrad) grads[t].copy_(copy);
   }
 
   at::Tensor out = at::empty({num_grads}, m.options().dtype(at::kFloat));
   float* out_data = out.data_ptr<float>();
-  for (int64_t t = 0; t < num_grads; ++t) out_data[t] = static_cast<float>(norms[t]);
+  for (int64_t t = 0; t < num_grads; ++t) out_data[t] = static_cast<float>(std::sqrt(sumsq[t]));
   return out;
 }
 
