@@ -6,7 +6,6 @@ and says so once, with a ``RuntimeWarning`` that names the cause.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -30,18 +29,19 @@ else:
 HAS_EXTENSION = _C is not None
 
 
-# A constant for torch.compile: the kernels are registered once, when gradstab._C loads, and
-# dynamo cannot trace the dispatcher query (it would break a fullgraph=True graph).
-@torch.compiler.assume_constant_result
-@functools.cache
+# The kernels are registered once, when gradstab._C loads. Asking the dispatcher then, not per
+# call, keeps has_kernel a plain lookup: cheap, and traceable by torch.compile (which cannot trace
+# the dispatcher query inside a fullgraph=True graph).
+_KERNELS = {
+    device_type: _C is not None
+    and torch._C._dispatch_has_kernel_for_dispatch_key("gradstab::stabilize_", key)
+    for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+}
+
+
 def has_kernel(device_type: str) -> bool:
     """Whether the compiled op has a kernel for gradients on ``device_type`` ("cpu", "cuda")."""
-    if _C is None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "gradstab::stabilize_", key
-    )
+    return _KERNELS.get(device_type, False)
 
 
 def build_info() -> str:

@@ -271,13 +271,39 @@ def stabilize_(
     """
     groups = group_grads(grads)
     check_tensors(grads, m, v, k, found_inf, global_norm, groups)
-    device = m.device
-    norms = grad_norms(grads, device, groups)
+    norms = grad_norms(grads, m.device, groups)
     skip_step: Tensor | bool = False
     if found_inf is not None:
-        skip_step = found_inf.to(device).reshape(()) > 0
-    step_norms = norms.square().sum().sqrt().reshape(1) if global_norm else norms
+        skip_step = found_inf.to(m.device).reshape(()) > 0
+    finish_step(
+        grads, groups, norms, skip_step, m, v, k,
+        gamma1, gamma2, eps, bias_correction, global_norm, nonfinite, spike_guard,
+    )  # fmt: skip
+    return norms.float()
 
+
+def finish_step(
+    grads: list[Tensor],
+    groups: Groups,
+    norms: Tensor,
+    skip_step: Tensor | bool,
+    m: Tensor,
+    v: Tensor,
+    k: Tensor,
+    gamma1: float,
+    gamma2: float,
+    eps: float,
+    bias_correction: bool,
+    global_norm: bool,
+    nonfinite: int,
+    spike_guard: float | None,
+) -> None:
+    """Everything after the norms: the raise check, the state update and the rescale.
+
+    ``norms``: the float64 ``[T]`` norms of ``grads`` (for sharded gradients, of the whole
+    tensors); ``groups``: ``group_grads(grads)``.
+    """
+    step_norms = norms.square().sum().sqrt().reshape(1) if global_norm else norms
     if nonfinite == NONFINITE_RAISE and not bool(skip_step):
         finite = torch.isfinite(norms)
         if not bool(finite.all()) or not bool(torch.isfinite(step_norms).all()):
@@ -292,4 +318,3 @@ def stabilize_(
     _scale_(grads, factor, groups)
     if nonfinite == NONFINITE_ZERO:
         _zero_where(grads, zero, groups)
-    return norms.float()

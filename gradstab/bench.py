@@ -742,21 +742,24 @@ def main(argv: list[str] | None = None) -> int:
             for p in presets.values():
                 print(f"{device:5s} {p.name:12s} {p.description}")
         return 0
-    if args.threads is not None:
-        if args.threads < 1:
-            print("gradstab.bench: --threads must be >= 1", file=sys.stderr)
-            return 2
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        print("gradstab.bench: --threads must be >= 1", file=sys.stderr)
+        return 2
 
     def log(msg: str) -> None:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    threads = torch.get_num_threads()
     try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         runs, info = run(args.device, args.presets, args.impls, args.repeats, log)
     except (ValueError, RuntimeError) as err:
         print(err, file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another program (or a test)
     print(markdown(runs, info, args.repeats))
     rows = records(runs, info)
     if args.csv:

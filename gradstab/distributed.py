@@ -222,23 +222,10 @@ def stabilize_(
     sq, found = whole_sq_norms(local, groups, device, found_inf)
     norms = sq.sqrt()
     skip_step: Tensor | bool = False if found is None else found.reshape(()) > 0
-    step_norms = sq.sum().sqrt().reshape(1) if global_norm else norms
-
-    if nonfinite == _torch_backend.NONFINITE_RAISE and not bool(skip_step):
-        # The norms are the same on every rank, so every rank raises (none waits in a collective).
-        finite = torch.isfinite(norms)
-        if not bool(finite.all()) or not bool(torch.isfinite(step_norms).all()):
-            raise _torch_backend.nonfinite_error((~finite).nonzero().flatten().tolist())
-
-    factor, zero = _torch_backend.step_factors(
-        step_norms, m, v, k, skip_step, gamma1, gamma2, eps, bias_correction, nonfinite, spike_guard
-    )
-    if global_norm:
-        factor = factor.expand(len(local))
-        zero = zero.expand(len(local))
-    for dev, idx in _torch_backend._by_device(local).items():
-        factor_dev = factor.to(dev).unbind()
-        torch._foreach_mul_([local[i] for i in idx], [factor_dev[i] for i in idx])
-    if nonfinite == _torch_backend.NONFINITE_ZERO:
-        _torch_backend._zero_where(local, zero)
+    # The norms are the same on every rank, so under nonfinite="raise" every rank raises (none is
+    # left waiting in a collective).
+    _torch_backend.finish_step(
+        local, _torch_backend.group_grads(local), norms, skip_step, m, v, k,
+        gamma1, gamma2, eps, bias_correction, global_norm, nonfinite, spike_guard,
+    )  # fmt: skip
     return norms.float(), found
