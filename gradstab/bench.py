@@ -612,22 +612,22 @@ def _round(x: float) -> float | str:
 def markdown(runs: Sequence[PresetRun], info: dict[str, Any], repeats: int) -> str:
     """The header and the table of milliseconds and ratios."""
     lines = [
-        f"Date: {info['date']}; device: {info['device']}"
+        f"- Date: {info['date']}; device: {info['device']}"
         + (f" ({info['gpu']}, CUDA {info['cuda']})" if "gpu" in info else ""),
-        f"CPU: {info['cpu']}; torch {info['torch']} ({info['threads']} threads); "
+        f"- CPU: {info['cpu']}; torch {info['torch']} ({info['threads']} threads); "
         f"Python {info['python']}",
-        f"gradstab._C: {info['gradstab_build']}",
+        f"- gradstab._C: {info['gradstab_build']}",
     ]
     if "load_before" in info:
         lines.append(
-            f"Load average (1, 5, 15 min): {info['load_before']} before, "
+            f"- Load average (1, 5, 15 min): {info['load_before']} before, "
             f"{info.get('load_after', '?')} after"
         )
     lines.append(
-        f"Median of {repeats} interleaved repetitions; `vs clip` = time / clip_grad_norm_ time, "
-        "`vs floor` = time / floor time, `loop speed-up` = loop time / time."
+        f"- Median of {repeats} interleaved repetitions; `vs clip` = time / clip_grad_norm_ "
+        "time, `vs floor` = time / floor time, `loop speed-up` = loop time / time."
     )
-    lines.append("")
+    lines += ["", "Presets:", ""]
     for pr in runs:
         mb = pr.grad_bytes / 1e6
         lines.append(

@@ -5,14 +5,15 @@
 // squares is the sum of its chunks' sums (each computed in the fixed order of kernels.h), added in
 // chunk order: so its norm does not depend on the number of threads nor on how the work is split.
 //
-// Work items go to the threads in contiguous runs of about equal bytes (parallel_by_weight), so
-// one huge tensor and a thousand small ones are spread over the cores alike, with no per-tensor
-// task. With one norm per gradient (and no "raise"), a gradient of at most kFusedMaxBytes is one
-// item that its thread finishes while the data is in its cache: norm, state update, rescale. That
-// reads memory once instead of twice. Larger gradients (and every gradient, for the global norm
-// or "raise", which must see all norms before changing anything) take two passes: phase one
-// writes each chunk's sum to its own slot, the state update runs on the calling thread, and phase
-// two rescales every chunk with its tensor's factor.
+// Work items are grouped into blocks of consecutive items of about equal bytes, which the threads
+// take one after another (parallel_by_weight): one huge tensor and a thousand small ones are
+// spread over the cores alike, with no task per tensor. With one norm per gradient (and no
+// "raise"), a gradient of at most kFusedMaxBytes is one item that its thread finishes while the
+// data is in its cache: norm, state update, rescale. That reads memory once instead of twice.
+// Larger gradients (and every gradient, for the global norm or "raise", which must see all norms
+// before changing anything) take two passes: phase one writes each chunk's sum to its own slot,
+// the state update runs on the calling thread, and phase two rescales every chunk with its
+// tensor's factor.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
