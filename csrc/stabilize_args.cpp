@@ -1,6 +1,7 @@
 #include "stabilize_args.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -59,6 +60,8 @@ void check_tensors(at::TensorList grads, const at::Tensor& m, const at::Tensor& 
         dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
         "gradstab::stabilize_: grads[", i, "] has dtype ", dtype,
         "; supported: float16, bfloat16, float32, float64");
+    TORCH_CHECK(!(g.requires_grad() && at::GradMode::is_enabled()), "gradstab::stabilize_: grads[",
+                i, "] requires grad and grad mode is on; call it under torch.no_grad()");
     TORCH_CHECK(at::has_internal_overlap(g) != at::MemOverlap::Yes, "gradstab::stabilize_: grads[",
                 i,
                 "] has elements that share memory (an expanded tensor) and cannot be scaled "
@@ -74,6 +77,12 @@ void check_tensors(at::TensorList grads, const at::Tensor& m, const at::Tensor& 
                 "gradstab::stabilize_: found_inf must be a one-element floating tensor on ", device,
                 ", got ", f.scalar_type(), " of shape ", f.sizes(), " on ", f.device());
   }
+}
+
+void bump_versions(at::TensorList grads, const at::Tensor& m, const at::Tensor& v,
+                   const at::Tensor& k) {
+  for (const at::Tensor& g : grads) g.unsafeGetTensorImpl()->bump_version();
+  for (const at::Tensor* t : {&m, &v, &k}) t->unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace gradstab

@@ -20,4 +20,9 @@ void check_tensors(at::TensorList grads, const at::Tensor& m, const at::Tensor& 
                    const at::Tensor& k, const std::optional<at::Tensor>& found_inf,
                    bool global_norm, c10::Device device);
 
+// Bumps the version counters of the tensors the op writes (see NOTE: [no autograd for
+// stabilize_] in csrc/autograd.cpp).
+void bump_versions(at::TensorList grads, const at::Tensor& m, const at::Tensor& v,
+                   const at::Tensor& k);
+
 }  // namespace gradstab

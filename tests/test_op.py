@@ -65,3 +65,26 @@ def test_fake_kernel_shape():
 def test_build_info_names_the_build():
     info = _ops.build_info()
     assert "compiler" in info and "openmp: yes" in info
+
+
+def test_writes_bump_version_counters():
+    """Autograd falls through to the kernel, which must still mark what it wrote."""
+    grads = [torch.randn(5), torch.randn(3, 4)]
+    state = F.init_state(grads)
+    before = [t._version for t in [*grads, *state]]
+    F.stabilize_(grads, state, backend="compiled")
+    after = [t._version for t in [*grads, *state]]
+    assert all(a > b for a, b in zip(after, before))
+
+
+def test_grads_that_require_grad_are_refused_in_grad_mode():
+    grads = [torch.randn(5, requires_grad=True)]
+    state = F.init_state(grads)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] requires grad"):
+        torch.ops.gradstab.stabilize_(
+            grads, state.m, state.v, state.k, None, 0.6, 0.999, 1e-12, True, False, 0, None
+        )
+    assert state.k.item() == 0
+    with torch.no_grad():
+        F.stabilize_(grads, state, backend="compiled")
+    assert state.k.item() == 1

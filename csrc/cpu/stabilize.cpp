@@ -239,6 +239,8 @@ at::Tensor stabilize_cpu(at::TensorList grads, at::Tensor& m, at::Tensor& v, at:
     if (flat[t].fused || decisions[t].action != kLeaveGrad) grads[t].copy_(copy);
   }
 
+  bump_versions(grads, m, v, k);
+
   at::Tensor out = at::empty({num_grads}, m.options().dtype(at::kFloat));
   float* out_data = out.data_ptr<float>();
   for (int64_t t = 0; t < num_grads; ++t) out_data[t] = static_cast<float>(std::sqrt(sumsq[t]));

@@ -359,7 +359,7 @@ at::Tensor stabilize_cuda(at::TensorList grads, at::Tensor& m, at::Tensor& v, at
 
   const int64_t num_tensors = static_cast<int64_t>(grads.size());
   at::Tensor norms = at::empty({num_tensors}, m.options().dtype(at::kFloat));
-  if (num_tensors == 0) return norms;
+  if (num_tensors == 0) return norms;  // nothing to write: with no gradient the norm is 0
   const bool raise = cfg.nonfinite == kNonfiniteRaise;
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   TORCH_CHECK(!(raise && is_capturing(stream.stream())),
@@ -422,6 +422,7 @@ at::Tensor stabilize_cuda(at::TensorList grads, at::Tensor& m, at::Tensor& v, at
 
   for (int64_t t : copied) grads[t].copy_(flat[t]);
   list.finish();
+  bump_versions(grads, m, v, k);
   return norms;
 }
 
