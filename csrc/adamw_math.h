@@ -2,20 +2,22 @@
 // kernels (whose generic loop is this code, and whose vector loops must give the same bits) and
 // the CUDA kernel.
 //
-// One step of AdamW on one element, with the gradient g read from memory and c the constants of
-// its tensor for this step (adamw_constants):
+// One step of AdamW on one element, with c the constants of its tensor for this step
+// (adamw_constants):
 //
-//   g     = g * c.grad_scale                      the stabilizer's factor, 1/loss scale, -1 if
-//   maximize p     = p * (1 - lr * weight_decay)           decoupled weight decay m     = lerp(m,
-//   g, 1 - beta1)                 first moment (Adam's exp_avg) v     = beta2 * v + (1 - beta2) * g
-//   * g       second moment (exp_avg_sq) v_max = max(v_max, v)                         amsgrad
-//   only; then v_max replaces v below p     = p - step_size * m / (sqrt(v) / sqrt(1 - beta2^step) +
-//   eps)
+//   g = round(g * c.grad_scale)          the stabilizer's factor / loss scale (-1: maximize)
+//   p = p * (1 - lr * weight_decay)      decoupled weight decay
+//   m = lerp(m, g, 1 - beta1)            first moment (Adam's exp_avg)
+//   v = beta2 * v + (1 - beta2) * g^2    second moment (exp_avg_sq)
+//   v_max = max(v_max, v)                amsgrad only; v_max then stands for v below
+//   p = p - step_size * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)
 //
-// with step_size = lr / (1 - beta1^step). The operations and their order are those of torch's
-// AdamW for one tensor (lerp_, mul_(beta2).addcmul_, sqrt, div, add_(eps), addcdiv_), each
-// rounded to opmath_t: float for float32, float16 and bfloat16 values (loaded once, stored once,
-// as torch's fused AdamW does), double for float64.
+// with step_size = lr / (1 - beta1^step). `round` rounds to the gradient's dtype: g is then the
+// very value StabilizedOptimizer (stabilize, then AdamW) would have written into p.grad. The
+// operations after it and their order are those of torch's AdamW for one tensor (lerp_,
+// mul_(beta2).addcmul_, sqrt, div, add_(eps), addcdiv_), each rounded to opmath_t: float for
+// float32, float16 and bfloat16 values (loaded once, stored once, as torch's fused AdamW does),
+// double for float64.
 #pragma once
 
 #include <cmath>
@@ -36,7 +38,7 @@ struct AdamwGroup {
 // What the update of one tensor needs for one step, rounded to the type the math runs in.
 template <typename opmath_t>
 struct AdamwConstants {
-  opmath_t grad_scale;       // multiplies every gradient value as it is read
+  opmath_t grad_scale;       // multiplies every gradient value as it is read (stabilized_grad)
   opmath_t decay;            // 1 - lr * weight_decay (exactly 1 without weight decay)
   opmath_t lerp_weight;      // 1 - beta1
   opmath_t lerp_complement;  // 1 - lerp_weight, for lerp weights >= 0.5
@@ -84,18 +86,24 @@ GRADSTAB_HOST_DEVICE inline opmath_t nan_max(const opmath_t& a, const opmath_t& 
   return (a > b || a != a) ? a : b;
 }
 
-// One element: p, m, v (and v_max when not null) are updated in place; stored_grad is the
-// gradient as stored (0 for a gradient the stabilizer zeroes).
+// The gradient AdamW sees: the stored value times grad_scale, rounded to the gradient's dtype
+// scalar_t (what the stabilizer would write into p.grad), in opmath_t.
+template <typename scalar_t, typename opmath_t>
+GRADSTAB_HOST_DEVICE inline opmath_t stabilized_grad(scalar_t stored, opmath_t grad_scale) {
+  return static_cast<opmath_t>(static_cast<scalar_t>(static_cast<opmath_t>(stored) * grad_scale));
+}
+
+// One element: p, m, v (and v_max when not null) are updated in place; g is stabilized_grad (0
+// for a gradient the stabilizer zeroes).
 //
 // opmath_t is float or double, or one of the CPU kernel's vector types
 // (csrc/cpu/adamw_kernels.cpp), whose operators are the same IEEE operations lane by lane: every
 // implementation runs this very code. (Arguments are references so that a vector type is never
 // passed by value.)
 template <typename opmath_t>
-GRADSTAB_HOST_DEVICE inline void adamw_element(opmath_t& p, const opmath_t& stored_grad,
-                                               opmath_t& m, opmath_t& v, opmath_t* v_max,
+GRADSTAB_HOST_DEVICE inline void adamw_element(opmath_t& p, const opmath_t& g, opmath_t& m,
+                                               opmath_t& v, opmath_t* v_max,
                                                const AdamwConstants<opmath_t>& c) {
-  const opmath_t g = stored_grad * c.grad_scale;
   p = p * c.decay;
   const opmath_t diff = g - m;
   m = c.lerp_from_start ? m + c.lerp_weight * diff : g - diff * c.lerp_complement;

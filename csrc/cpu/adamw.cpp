@@ -66,26 +66,31 @@ struct FlatParam {
   int64_t num_chunks;
 };
 
-// Tensors that are not laid out as one dense block like their param are processed in copies:
-// after the step, each (original, copy) pair is copied back.
-using WriteBacks = std::vector<std::pair<at::Tensor, at::Tensor>>;
+// Tensors that are not laid out as one dense block like their param are processed in copies,
+// which live until the step is done; after it, each written (original, copy) pair is copied back.
+struct Copies {
+  std::vector<std::pair<at::Tensor, at::Tensor>> written;
+  std::vector<at::Tensor> read;
+};
 
-// `t`, or a copy of it laid out like `like` (a dense tensor of the same shape), remembered in
-// `write_backs` when `written`.
+// `t`, or a copy of it laid out like `like` (a dense tensor of the same shape).
 at::Tensor laid_out_like(const at::Tensor& t, const at::Tensor& like, bool written,
-                         WriteBacks& write_backs) {
+                         Copies& copies) {
   if (t.is_non_overlapping_and_dense() && t.strides() == like.strides()) return t;
   at::Tensor copy = at::empty_like(like);
   copy.copy_(t);
-  if (written) write_backs.emplace_back(t, copy);
+  if (written) {
+    copies.written.emplace_back(t, copy);
+  } else {
+    copies.read.push_back(copy);
+  }
   return copy;
 }
 
 std::vector<FlatParam> flatten_params(at::TensorList params, at::TensorList grads,
                                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                                       at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                                      const std::vector<int32_t>& group_of,
-                                      WriteBacks& write_backs) {
+                                      const std::vector<int32_t>& group_of, Copies& copies) {
   const bool amsgrad = !max_exp_avg_sqs.empty();
   std::vector<FlatParam> flat;
   flat.reserve(params.size());
@@ -93,14 +98,14 @@ std::vector<FlatParam> flatten_params(at::TensorList params, at::TensorList grad
     at::Tensor param = params[i];
     if (!param.is_non_overlapping_and_dense()) {
       const at::Tensor copy = param.contiguous();
-      write_backs.emplace_back(param, copy);
+      copies.written.emplace_back(param, copy);
       param = copy;
     }
-    const at::Tensor grad = laid_out_like(grads[i], param, false, write_backs);
-    const at::Tensor exp_avg = laid_out_like(exp_avgs[i], param, true, write_backs);
-    const at::Tensor exp_avg_sq = laid_out_like(exp_avg_sqs[i], param, true, write_backs);
+    const at::Tensor grad = laid_out_like(grads[i], param, false, copies);
+    const at::Tensor exp_avg = laid_out_like(exp_avgs[i], param, true, copies);
+    const at::Tensor exp_avg_sq = laid_out_like(exp_avg_sqs[i], param, true, copies);
     const at::Tensor max_exp_avg_sq =
-        amsgrad ? laid_out_like(max_exp_avg_sqs[i], param, true, write_backs) : at::Tensor();
+        amsgrad ? laid_out_like(max_exp_avg_sqs[i], param, true, copies) : at::Tensor();
     FlatParam f{};
     f.run = {param.data_ptr(),
              grad.const_data_ptr(),
@@ -405,9 +410,9 @@ at::Tensor stabilized_adamw_cpu(
           ? static_cast<double>(static_cast<float>(1.0 / grad_scale->item<double>()))
           : 1.0;
 
-  WriteBacks write_backs;
+  Copies copies;
   AdamwStepPlan plan(flatten_params(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                    state_steps, groups.group_of, write_backs),
+                                    state_steps, groups.group_of, copies),
                      groups, cfg, maximize, inv_scale, m, v, k);
   const bool two_regions = global_norm || skip_step || cfg.nonfinite == kNonfiniteRaise;
   const int64_t bytes = plan.plan_chunks(!two_regions);
@@ -424,7 +429,7 @@ at::Tensor stabilized_adamw_cpu(
     run_queue(plan.pipelined_items(), bytes, run_item);
   }
   if (!skip_step) {
-    for (const auto& [original, copy] : write_backs) original.copy_(copy);
+    for (const auto& [original, copy] : copies.written) original.copy_(copy);
   }
 
   at::Tensor norms = at::empty({num_tensors}, m.options().dtype(at::kFloat));

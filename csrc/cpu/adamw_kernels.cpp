@@ -49,7 +49,7 @@ void adamw_elements(const AdamwRun& run, const AdamwConstants<opmath_of<scalar_t
   auto* max_exp_avg_sq = static_cast<scalar_t*>(run.max_exp_avg_sq);
   for (int64_t i = begin; i < run.numel; ++i) {
     opmath_t p = static_cast<opmath_t>(param[i]);
-    const opmath_t g = grad != nullptr ? static_cast<opmath_t>(grad[i]) : opmath_t(0);
+    const opmath_t g = grad != nullptr ? stabilized_grad(grad[i], c.grad_scale) : opmath_t(0);
     opmath_t m = static_cast<opmath_t>(exp_avg[i]);
     opmath_t v = static_cast<opmath_t>(exp_avg_sq[i]);
     if (max_exp_avg_sq != nullptr) {
@@ -103,7 +103,8 @@ inline void prefetch_ahead(const T* p) {
 
 // The vector loop: W lanes at a time with V, then the generic loop for the tail. kZeroGrad: AdamW
 // sees zero gradients; kAmsgrad: max_exp_avg_sq is updated and used. V::load and V::store convert
-// from and to scalar_t (exactly, and to nearest-even). It has no instruction-set attribute of its
+// from and to scalar_t (exactly, and to nearest-even); V::round_as(const scalar_t*, x) rounds x to
+// scalar_t and back, as stabilized_grad does. It has no instruction-set attribute of its
 // own: each instruction set's Loop::run below is `flatten`, so this is inlined into it.
 template <typename scalar_t, typename V, bool kZeroGrad, bool kAmsgrad>
 inline void vector_loop(const AdamwRun& run, const AdamwConstants<opmath_of<scalar_t>>& c) {
@@ -122,7 +123,7 @@ inline void vector_loop(const AdamwRun& run, const AdamwConstants<opmath_of<scal
     prefetch_ahead(exp_avg_sq + i);
     if constexpr (kAmsgrad) prefetch_ahead(max_exp_avg_sq + i);
     V p = V::load(param + i);
-    const V g = kZeroGrad ? V::set1(0) : V::load(grad + i);
+    const V g = kZeroGrad ? V::set1(0) : V::round_as(grad, V::load(grad + i) * vc.grad_scale);
     V m = V::load(exp_avg + i);
     V v = V::load(exp_avg_sq + i);
     if constexpr (kAmsgrad) {
@@ -187,6 +188,14 @@ struct F512 {
         _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return {_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))};
   }
+  GRADSTAB_AVX512 static F512 round_as(const float*, const F512& v) { return v; }
+  GRADSTAB_AVX512 static F512 round_as(const c10::Half*, const F512& v) {
+    return {_mm512_cvtph_ps(_mm512_cvtps_ph(v.x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))};
+  }
+  GRADSTAB_AVX512 static F512 round_as(const c10::BFloat16*, const F512& v) {
+    const __m512i wide = _mm512_cvtepu16_epi32(bf16_from_float(v.x));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))};
+  }
   GRADSTAB_AVX512 static void store(float* p, const F512& v) { _mm512_storeu_ps(p, v.x); }
   GRADSTAB_AVX512 static void store(c10::Half* p, const F512& v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
@@ -203,6 +212,7 @@ struct D512 {
 
   GRADSTAB_AVX512 static D512 set1(double value) { return {_mm512_set1_pd(value)}; }
   GRADSTAB_AVX512 static D512 load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  GRADSTAB_AVX512 static D512 round_as(const double*, const D512& v) { return v; }
   GRADSTAB_AVX512 static void store(double* p, const D512& v) { _mm512_storeu_pd(p, v.x); }
 };
 
@@ -298,6 +308,14 @@ struct F256 {
         _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return {_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))};
   }
+  GRADSTAB_AVX2 static F256 round_as(const float*, const F256& v) { return v; }
+  GRADSTAB_AVX2 static F256 round_as(const c10::Half*, const F256& v) {
+    return {_mm256_cvtph_ps(_mm256_cvtps_ph(v.x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))};
+  }
+  GRADSTAB_AVX2 static F256 round_as(const c10::BFloat16*, const F256& v) {
+    const __m256i wide = _mm256_cvtepu16_epi32(bf16_from_float(v.x));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))};
+  }
   GRADSTAB_AVX2 static void store(float* p, const F256& v) { _mm256_storeu_ps(p, v.x); }
   GRADSTAB_AVX2 static void store(c10::Half* p, const F256& v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
@@ -314,6 +332,7 @@ struct D256 {
 
   GRADSTAB_AVX2 static D256 set1(double value) { return {_mm256_set1_pd(value)}; }
   GRADSTAB_AVX2 static D256 load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  GRADSTAB_AVX2 static D256 round_as(const double*, const D256& v) { return v; }
   GRADSTAB_AVX2 static void store(double* p, const D256& v) { _mm256_storeu_pd(p, v.x); }
 };
 
