@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import gradstab
-from gradstab import _ops
+from gradstab import _ops, bench
 from gradstab import functional as F
 from tests.conftest import DTYPES
 from tests.training_helpers import (
@@ -891,3 +891,71 @@ def test_fp16_autocast_counts_only_the_steps_taken(seed):
     assert opt.state_dict()["gradstab"]["k"].tolist() == [taken] * 4
     assert all(s["step"].item() == taken for s in opt.state.values())
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark preset
+
+TINY_ADAMW = bench.Preset(
+    "tiny-adamw-test",
+    "cpu",
+    "a few odd shapes, for the tests",
+    lambda: [(3, 5), (7,), (0,), (70_001,), (33, 17)],
+    torch.float32,
+    kind="adamw",
+    make_workload=bench.adamw_workload,
+)
+
+
+@pytest.fixture
+def tiny_adamw_preset():
+    bench.register_preset(TINY_ADAMW)
+    yield TINY_ADAMW
+    del bench.PRESETS["cpu"][TINY_ADAMW.name]
+
+
+def test_bench_adamw_presets_are_the_models():
+    for device, name in (("cpu", "gpt2-small"), ("cuda", "llama-1b"), ("cuda", "llama-7b")):
+        preset = bench.PRESETS[device][f"{name}-adamw"]
+        assert preset.kind == "adamw"
+        assert preset.shapes() == bench.PRESETS[device][name].shapes()
+        assert preset.dtype == bench.PRESETS[device][name].dtype
+
+
+def test_bench_adamw_implementations_take_the_same_step(tiny_adamw_preset):
+    """From the same parameters and gradients: the composition and StabilizedAdamW agree,
+    plain AdamW and clipping do something else."""
+    device = torch.device("cpu")
+    params = {}
+    for name, impl in bench.IMPLEMENTATIONS.items():
+        if "adamw" not in impl.kinds or impl.unavailable(device) is not None:
+            continue
+        w = tiny_adamw_preset.build(device)
+        assert w.floor_bytes == 8 * sum(g.numel() * 4 for g in w.tensors)
+        step = impl.setup(w, device)
+        w.restore()
+        step()
+        params[name] = [p.clone() for p in w.params]
+    assert set(params) >= {"adamw_fused", "adamw_foreach_clip", "stabilized_optimizer"}
+    if "stabilized_adamw" in params:
+        for a, b in zip(params["stabilized_adamw"], params["stabilized_optimizer"]):
+            assert_close_rel(a, b, 1e-6, "StabilizedAdamW vs the composition")
+    differs = [
+        not torch.allclose(a, b)
+        for a, b in zip(params["adamw_fused"], params["stabilized_optimizer"])
+    ]
+    assert any(differs)
+
+
+def test_bench_adamw_table_and_records(tiny_adamw_preset):
+    runs, info = bench.run("cpu", ["tiny-adamw-test"], None, repeats=2)
+    (pr,) = runs
+    expected = {"adamw_fused", "adamw_foreach_clip", "stabilized_optimizer", "stabilized_adamw"}
+    assert set(pr.results) == expected | {bench.FLOOR}
+    rows = {r["implementation"]: r for r in bench.records(runs, info)}
+    assert rows["adamw_fused"]["reference"] == "adamw_fused"
+    assert rows["adamw_fused"]["vs_reference"] == 1.0
+    assert rows["adamw_foreach_clip"]["baseline_speedup"] == 1.0
+    table = bench.markdown(runs, info, 2)
+    assert "| preset | implementation | median ms | vs AdamW(fused) |" in table
+    assert "| tiny-adamw-test | stabilized_adamw |" in table
