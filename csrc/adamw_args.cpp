@@ -1,6 +1,7 @@
 #include "adamw_args.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -134,6 +135,19 @@ void check_adamw_tensors(at::TensorList params, at::TensorList grads, at::Tensor
   check_state(k, "k", at::kLong, state_size, device, kAdamwOp);
   check_scalar_tensor(grad_scale, "grad_scale", device);
   check_scalar_tensor(found_inf, "found_inf", device);
+}
+
+at::Tensor laid_out_like(const at::Tensor& t, const at::Tensor& like, bool written,
+                         Copies& copies) {
+  if (t.is_non_overlapping_and_dense() && t.strides() == like.strides()) return t;
+  at::Tensor copy = at::empty_like(like);
+  copy.copy_(t);
+  if (written) {
+    copies.written.emplace_back(t, copy);
+  } else {
+    copies.read.push_back(copy);
+  }
+  return copy;
 }
 
 }  // namespace gradstab

@@ -8,6 +8,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "adamw_math.h"
@@ -42,5 +43,16 @@ void check_adamw_tensors(at::TensorList params, at::TensorList grads, at::Tensor
                          const at::Tensor& k, const std::optional<at::Tensor>& grad_scale,
                          const std::optional<at::Tensor>& found_inf, bool amsgrad, bool global_norm,
                          c10::Device device);
+
+// Tensors that are not laid out as one dense block like their param are processed in copies,
+// which live until the step is done; after it, each written (original, copy) pair is copied back.
+struct Copies {
+  std::vector<std::pair<at::Tensor, at::Tensor>> written;
+  std::vector<at::Tensor> read;
+};
+
+// `t`, or a copy of it laid out like `like` (a non-overlapping and dense tensor of the same
+// shape), kept in `copies`.
+at::Tensor laid_out_like(const at::Tensor& t, const at::Tensor& like, bool written, Copies& copies);
 
 }  // namespace gradstab

@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <sstream>
 
 namespace gradstab {
 
@@ -68,6 +69,20 @@ void check_tensors(at::TensorList grads, const at::Tensor& m, const at::Tensor& 
                 "gradstab::stabilize_: found_inf must be a one-element floating tensor on ", device,
                 ", got ", f.scalar_type(), " of shape ", f.sizes(), " on ", f.device());
   }
+}
+
+std::string nonfinite_message(const std::vector<double>& values) {
+  std::ostringstream msg;
+  msg << "gradstab: non-finite gradient norm with nonfinite='raise' (";
+  bool first = true;
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (!std::isfinite(values[i])) {
+      msg << (first ? "grads[" : ", grads[") << i << "]";
+      first = false;
+    }
+  }
+  msg << (first ? "the global norm overflowed" : "") << "); nothing was changed";
+  return msg.str();
 }
 
 }  // namespace gradstab

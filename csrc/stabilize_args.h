@@ -5,6 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <string>
+#include <vector>
+
 #include "stabilize_math.h"
 
 namespace gradstab {
@@ -26,5 +29,9 @@ void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype, in
 void check_tensors(at::TensorList grads, const at::Tensor& m, const at::Tensor& v,
                    const at::Tensor& k, const std::optional<at::Tensor>& found_inf,
                    bool global_norm, c10::Device device);
+
+// The error of nonfinite="raise": names grads[i] for every non-finite entry of `values` (norms
+// or sums of squares), or the global norm when they are all finite.
+std::string nonfinite_message(const std::vector<double>& values);
 
 }  // namespace gradstab

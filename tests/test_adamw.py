@@ -57,10 +57,10 @@ TOLERANCE = {
 STABILIZER_ARGS = ("gamma1", "gamma2", "bias_correction", "granularity", "nonfinite", "spike_guard")
 
 
-def make_params(dtype: torch.dtype, seed: int, shapes=SHAPES) -> list[nn.Parameter]:
+def make_params(dtype: torch.dtype, seed: int, shapes=SHAPES, device="cpu") -> list[nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     return [
-        nn.Parameter((torch.randn(s, generator=gen, dtype=torch.float64) * 0.5).to(dtype))
+        nn.Parameter((torch.randn(s, generator=gen, dtype=torch.float64) * 0.5).to(device, dtype))
         for s in shapes
     ]
 
@@ -101,7 +101,7 @@ def set_grads(params_list, dtype, gen, step: int, faults: bool = True) -> list[s
             done.append(f"none@{i}")
     for params in params_list:
         for p, g in zip(params, grads):
-            p.grad = None if g is None else g.clone()
+            p.grad = None if g is None else g.to(p.device, copy=True)
     return done
 
 
@@ -169,9 +169,18 @@ def assert_optimizers_close(ours, params_a, ref, params_b, dtype, where: str) ->
 
 
 def run_against_composition(
-    dtype, seed, backend, steps=STEPS, shapes=SHAPES, groups=None, faults=True, **kwargs
+    dtype,
+    seed,
+    backend,
+    steps=STEPS,
+    shapes=SHAPES,
+    groups=None,
+    faults=True,
+    device="cpu",
+    **kwargs,
 ):
-    params_a, params_b = make_params(dtype, seed, shapes), make_params(dtype, seed, shapes)
+    params_a = make_params(dtype, seed, shapes, device)
+    params_b = make_params(dtype, seed, shapes, device)
     ours = fused_adamw(params_a, dtype, groups, backend, **kwargs)
     ref = composition(params_b, dtype, groups, backend, **kwargs)
     gen = torch.Generator().manual_seed(seed)

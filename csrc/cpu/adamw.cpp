@@ -24,14 +24,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <memory>
-#include <sstream>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -65,27 +63,6 @@ struct FlatParam {
   int64_t first_chunk;  // its first slot in the chunk sums
   int64_t num_chunks;
 };
-
-// Tensors that are not laid out as one dense block like their param are processed in copies,
-// which live until the step is done; after it, each written (original, copy) pair is copied back.
-struct Copies {
-  std::vector<std::pair<at::Tensor, at::Tensor>> written;
-  std::vector<at::Tensor> read;
-};
-
-// `t`, or a copy of it laid out like `like` (a dense tensor of the same shape).
-at::Tensor laid_out_like(const at::Tensor& t, const at::Tensor& like, bool written,
-                         Copies& copies) {
-  if (t.is_non_overlapping_and_dense() && t.strides() == like.strides()) return t;
-  at::Tensor copy = at::empty_like(like);
-  copy.copy_(t);
-  if (written) {
-    copies.written.emplace_back(t, copy);
-  } else {
-    copies.read.push_back(copy);
-  }
-  return copy;
-}
 
 std::vector<FlatParam> flatten_params(at::TensorList params, at::TensorList grads,
                                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -168,20 +145,6 @@ struct TensorStep {
   cpu::AdamwStep step;
   bool zero_grad;  // the stabilizer zeroed the gradient (nonfinite="zero"): AdamW sees zeros
 };
-
-std::string nonfinite_message(const std::vector<double>& sumsq) {
-  std::ostringstream msg;
-  msg << "gradstab: non-finite gradient norm with nonfinite='raise' (";
-  bool first = true;
-  for (size_t i = 0; i < sumsq.size(); ++i) {
-    if (!is_finite(sumsq[i])) {
-      msg << (first ? "grads[" : ", grads[") << i << "]";
-      first = false;
-    }
-  }
-  msg << (first ? "the global norm overflowed" : "") << "); nothing was changed";
-  return msg.str();
-}
 
 // Everything one step shares between the threads.
 class AdamwStepPlan {

@@ -157,6 +157,11 @@ void dispatch_loop(const AdamwRun& run, const AdamwStep& step) {
 }
 
 #ifdef GRADSTAB_X86_KERNELS
+// GCC 12 reports the placeholder operands inside its own AVX-512 intrinsics as "may be used
+// uninitialized" once they are inlined (GCC bug 105593); no value of ours is.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 // ------------------------------------------------------------------------------------------------
 // AVX-512 (AVX512F; F16C for float16)
 
@@ -393,6 +398,8 @@ void adamw(const AdamwRun& run, const AdamwStep& step) {
 }
 
 }  // namespace avx2
+
+#pragma GCC diagnostic pop
 #endif  // GRADSTAB_X86_KERNELS
 
 // ------------------------------------------------------------------------------------------------
