@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -286,7 +285,6 @@ class StabilizedAdamW(torch.optim.Optimizer):
         stab = self._stabilizer
         entries, group_of, all_keys = self._entries_with_grad()
         stab._check_pending(all_keys, entries)
-        stab._finalize_stats()
         if not entries:
             self.last_stats = None
             return loss
@@ -298,10 +296,7 @@ class StabilizedAdamW(torch.optim.Optimizer):
         else:
             self._lay_out_state(buckets)
             parts = [self._step_param(b, found_inf, grad_scale) for b in buckets]
-        device = entries[0].param.device
-        stats = StabilizerStats(parts, stab.config(), device)
-        stab._last_stats = weakref.ref(stats)
-        self.last_stats = stats
+        self.last_stats = StabilizerStats(parts, stab.config(), entries[0].param.device)
         return loss
 
     def _entries_with_grad(self) -> tuple[list[_Entry], list[int], set[int]]:
@@ -370,7 +365,7 @@ class StabilizedAdamW(torch.optim.Optimizer):
                 return self._torch_step([bucket], state, found_inf, grad_scale, False)
 
         norms, state = self._stabilizer._with_param_state(device, bucket.entries, run)
-        return _StatsPart(norms, state.m, state.v, state.k, found_inf, False)
+        return _stats_part(norms, state, found_inf, False)
 
     def _step_global(
         self, buckets: list[_Bucket], found_inf: Tensor | None, grad_scale: Tensor | None
@@ -382,7 +377,7 @@ class StabilizedAdamW(torch.optim.Optimizer):
             norms = self._op(buckets[0], state, found_inf, grad_scale, True)
         else:
             norms = self._torch_step(buckets, state, found_inf, grad_scale, True)
-        return _StatsPart(norms, state.m, state.v, state.k, found_inf, True)
+        return _stats_part(norms, state, found_inf, True)
 
     def _op(
         self,
@@ -557,25 +552,26 @@ class StabilizedAdamW(torch.optim.Optimizer):
         return f"{inner[:-1]}Stabilizer: {config}\n)"
 
 
+def _stats_part(
+    norms: Tensor, state: F.StabilizerState, found_inf: Tensor | None, global_norm: bool
+) -> _StatsPart:
+    """The figures of a step, computed when read (StabilizerStats), from a copy of the
+    statistics it left (the next step changes them in place)."""
+    return _StatsPart(
+        norms, state.m.clone(), state.v.clone(), state.k.clone(), found_inf, global_norm
+    )
+
+
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
     return None if t is None else t.to(device, non_blocking=True)
 
 
 def _check_param(entry: _Entry) -> None:
+    """Layout and dtype of the gradient (torch itself keeps a gradient's dtype and shape those of
+    its parameter; the op checks them again)."""
     _check_grad(entry)
-    p, g = entry.param, entry.param.grad
-    if distributed.is_dtensor(p):
+    if distributed.is_dtensor(entry.param):
         raise TypeError(
             f"gradstab.StabilizedAdamW: parameter {entry.label} is a DTensor (FSDP2); use "
             "gradstab.StabilizedOptimizer(torch.optim.AdamW(...)), which takes sharded norms"
-        )
-    if g.dtype != p.dtype:
-        raise TypeError(
-            f"gradstab.StabilizedAdamW: parameter {entry.label} is {p.dtype} but its gradient "
-            f"is {g.dtype}; AdamW needs them alike"
-        )
-    if g.shape != p.shape:
-        raise ValueError(
-            f"gradstab.StabilizedAdamW: parameter {entry.label} has shape {tuple(p.shape)} but "
-            f"its gradient {tuple(g.shape)}"
         )
