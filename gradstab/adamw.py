@@ -6,8 +6,9 @@ the same weights, Adam moments and stabilizer state. The compiled op
 statistics (m, v, k), and then runs AdamW with each gradient multiplied by its factor as it is
 read: AdamW's own memory traffic plus one read of the gradients. ``p.grad`` is not written.
 
-Where the op has no kernel (another device, or the global norm over several devices), the same
-step runs in torch ops on temporary copies of the gradients (see ``_torch_step``).
+Where the op has no kernel (another device type; the global norm over several devices, or over
+param groups that differ in amsgrad or maximize), the same step runs in torch ops on temporary
+copies of the gradients (see ``_torch_step``).
 """
 
 from __future__ import annotations

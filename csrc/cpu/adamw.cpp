@@ -15,7 +15,7 @@
 //   thread that adds the last chunk sum of a tensor (an atomic count) runs its state update and
 //   publishes its factor with a release store; an update item waits (acquire) for that flag. The
 //   update items of a tensor are queued after the norm items of the NEXT large tensor, so the
-//   wait is rare, and the second read of the gradient usually comes from the last-level cache.
+//   wait is rare.
 // No deadlock: items are taken in queue order and norm items never wait, so when a thread takes
 // an update item, every norm item of its tensor is already held by a running thread.
 // The global norm, "raise" (which must see every norm before changing anything) and a skipped
