@@ -77,6 +77,7 @@ try:
     from gradstab import _C, _ops
     info["gradstab_build"] = _C.build_info()
     info["cuda_kernel_registered"] = _ops.has_kernel("cuda")
+    info["cuda_adamw_kernel_registered"] = _ops.has_kernel("cuda", "stabilized_adamw_")
 except Exception as err:  # noqa: BLE001 - recorded, not fatal
     info["gradstab_build"] = f"import failed: {err}"
 try:
@@ -92,12 +93,14 @@ if ! grep -q '"cuda_kernel_registered": true' "$OUT/env.json"; then
 fi
 if ((built == 0)); then
   step "tests/test_cuda.py" 200 "$OUT/test_cuda.log" \
-    "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda.py tests/test_cuda_plan.py
+    "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda.py tests/test_cuda_plan.py \
+    tests/test_cuda_adamw.py
   echo "| test_cuda tally | $(pytest_tally "$OUT/test_cuda.log") | |" >>"$SUMMARY"
   if [[ -f gradstab/bench.py ]]; then
-    step "bench (gpt2-small, llama-1b, llama-7b, many-small)" 170 "$OUT/bench.md" \
+    step "bench (gpt2-small, llama-1b, llama-7b, many-small, llama-*-adamw)" 170 "$OUT/bench.md" \
       "$PY" -m gradstab.bench --device cuda --preset gpt2-small --preset llama-1b \
-      --preset llama-7b --preset many-small --repeats "${BENCH_REPEATS:-7}" \
+      --preset llama-7b --preset many-small --preset llama-1b-adamw --preset llama-7b-adamw \
+      --repeats "${BENCH_REPEATS:-7}" \
       --csv "$OUT/bench.csv" --json "$OUT/bench.json"
   else
     echo "| bench | not run: gradstab/bench.py is not in this tree | |" >>"$SUMMARY"

@@ -5,44 +5,38 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <sstream>
 
 namespace gradstab {
 
 StabilizerConfig make_config(double gamma1, double gamma2, double eps, bool bias_correction,
-                             int64_t nonfinite, std::optional<double> spike_guard) {
-  TORCH_CHECK_VALUE(gamma1 >= 0.0 && gamma1 < 1.0,
-                    "gradstab::stabilize_: gamma1 must be in [0, 1), got ", gamma1);
-  TORCH_CHECK_VALUE(gamma2 >= 0.0 && gamma2 < 1.0,
-                    "gradstab::stabilize_: gamma2 must be in [0, 1), got ", gamma2);
-  TORCH_CHECK_VALUE(eps > 0.0 && std::isfinite(eps),
-                    "gradstab::stabilize_: eps must be a finite number > 0, got ", eps);
+                             int64_t nonfinite, std::optional<double> spike_guard, const char* op,
+                             const char* eps_name) {
+  TORCH_CHECK_VALUE(gamma1 >= 0.0 && gamma1 < 1.0, op, ": gamma1 must be in [0, 1), got ", gamma1);
+  TORCH_CHECK_VALUE(gamma2 >= 0.0 && gamma2 < 1.0, op, ": gamma2 must be in [0, 1), got ", gamma2);
+  TORCH_CHECK_VALUE(eps > 0.0 && std::isfinite(eps), op, ": ", eps_name,
+                    " must be a finite number > 0, got ", eps);
   TORCH_CHECK_VALUE(
       nonfinite == kNonfiniteZero || nonfinite == kNonfiniteSkip || nonfinite == kNonfiniteRaise,
-      "gradstab::stabilize_: nonfinite must be 0 (zero), 1 (skip) or 2 (raise), got ", nonfinite);
+      op, ": nonfinite must be 0 (zero), 1 (skip) or 2 (raise), got ", nonfinite);
   if (spike_guard.has_value()) {
-    TORCH_CHECK_VALUE(*spike_guard > 0.0 && std::isfinite(*spike_guard),
-                      "gradstab::stabilize_: spike_guard must be a finite number > 0, got ",
-                      *spike_guard);
+    TORCH_CHECK_VALUE(*spike_guard > 0.0 && std::isfinite(*spike_guard), op,
+                      ": spike_guard must be a finite number > 0, got ", *spike_guard);
   }
   return StabilizerConfig{
       gamma1,   gamma2, eps, bias_correction, spike_guard.has_value(), spike_guard.value_or(0.0),
       nonfinite};
 }
 
-namespace {
-
 void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t size,
-                 c10::Device device) {
-  TORCH_CHECK(t.layout() == at::kStrided && t.device() == device, "gradstab::stabilize_: ", name,
+                 c10::Device device, const char* op) {
+  TORCH_CHECK(t.layout() == at::kStrided && t.device() == device, op, ": ", name,
               " must be a dense tensor on ", device, ", got ", t.layout(), " on ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "gradstab::stabilize_: ", name, " must be ", dtype,
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.numel() == size && t.is_contiguous(),
-              "gradstab::stabilize_: ", name, " must be a contiguous 1-D tensor of ", size,
-              " elements, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.numel() == size && t.is_contiguous(), op, ": ", name,
+              " must be a contiguous 1-D tensor of ", size, " elements, got shape ", t.sizes());
 }
-
-}  // namespace
 
 void check_tensors(at::TensorList grads, const at::Tensor& m, const at::Tensor& v,
                    const at::Tensor& k, const std::optional<at::Tensor>& found_inf,
@@ -68,9 +62,10 @@ void check_tensors(at::TensorList grads, const at::Tensor& m, const at::Tensor& 
                 "in place");
   }
   const int64_t state_size = global_norm ? 1 : num_grads;
-  check_state(m, "m", at::kDouble, state_size, device);
-  check_state(v, "v", at::kDouble, state_size, device);
-  check_state(k, "k", at::kLong, state_size, device);
+  const char* op = "gradstab::stabilize_";
+  check_state(m, "m", at::kDouble, state_size, device, op);
+  check_state(v, "v", at::kDouble, state_size, device, op);
+  check_state(k, "k", at::kLong, state_size, device, op);
   if (found_inf.has_value()) {
     const at::Tensor& f = *found_inf;
     TORCH_CHECK(f.numel() == 1 && at::isFloatingType(f.scalar_type()) && f.device() == device,
@@ -83,6 +78,20 @@ void bump_versions(at::TensorList grads, const at::Tensor& m, const at::Tensor& 
                    const at::Tensor& k) {
   for (const at::Tensor& g : grads) g.unsafeGetTensorImpl()->bump_version();
   for (const at::Tensor* t : {&m, &v, &k}) t->unsafeGetTensorImpl()->bump_version();
+}
+
+std::string nonfinite_message(const std::vector<double>& values) {
+  std::ostringstream msg;
+  msg << "gradstab: non-finite gradient norm with nonfinite='raise' (";
+  bool first = true;
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (!std::isfinite(values[i])) {
+      msg << (first ? "grads[" : ", grads[") << i << "]";
+      first = false;
+    }
+  }
+  msg << (first ? "the global norm overflowed" : "") << "); nothing was changed";
+  return msg.str();
 }
 
 }  // namespace gradstab

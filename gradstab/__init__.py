@@ -10,6 +10,7 @@ running norm statistics, so that rare gradient-norm spikes cannot blow up an upd
 """
 
 from gradstab import functional
+from gradstab.adamw import StabilizedAdamW
 from gradstab.optim import StabilizedOptimizer
 from gradstab.stabilizer import GradientStabilizer, StabilizerStats
 
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GradientStabilizer",
+    "StabilizedAdamW",
     "StabilizedOptimizer",
     "StabilizerStats",
     "__version__",

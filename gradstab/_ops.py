@@ -33,15 +33,17 @@ HAS_EXTENSION = _C is not None
 # call, keeps has_kernel a plain lookup: cheap, and traceable by torch.compile (which cannot trace
 # the dispatcher query inside a fullgraph=True graph).
 _KERNELS = {
-    device_type: _C is not None
-    and torch._C._dispatch_has_kernel_for_dispatch_key("gradstab::stabilize_", key)
+    (op, device_type): _C is not None
+    and torch._C._dispatch_has_kernel_for_dispatch_key(f"gradstab::{op}", key)
+    for op in ("stabilize_", "stabilized_adamw_")
     for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
 }
 
 
-def has_kernel(device_type: str) -> bool:
-    """Whether the compiled op has a kernel for gradients on ``device_type`` ("cpu", "cuda")."""
-    return _KERNELS.get(device_type, False)
+def has_kernel(device_type: str, op: str = "stabilize_") -> bool:
+    """Whether the compiled op ``gradstab::<op>`` has a kernel for tensors on ``device_type``
+    ("cpu", "cuda")."""
+    return _KERNELS.get((op, device_type), False)
 
 
 def build_info() -> str:
@@ -66,3 +68,34 @@ if _C is not None:
         spike_guard: float | None,
     ) -> Tensor:
         return m.new_empty((len(grads),), dtype=torch.float32)
+
+    @torch.library.register_fake("gradstab::stabilized_adamw_")
+    def _stabilized_adamw_fake(
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        max_exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+        m: Tensor,
+        v: Tensor,
+        k: Tensor,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        group_sizes: list[int],
+        lr: list[float],
+        beta1: list[float],
+        beta2: list[float],
+        weight_decay: list[float],
+        eps: list[float],
+        amsgrad: bool,
+        maximize: bool,
+        gamma1: float,
+        gamma2: float,
+        stab_eps: float,
+        bias_correction: bool,
+        global_norm: bool,
+        nonfinite: int,
+        spike_guard: float | None,
+    ) -> Tensor:
+        return m.new_empty((len(params),), dtype=torch.float32)

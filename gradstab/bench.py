@@ -21,7 +21,10 @@ over ``clip_grad_norm_``, time over the floor, and the loop's time over this one
 
 Presets and implementations are registries (``register_preset``, ``register_implementation``):
 a preset names the device it is for and builds a ``Workload``; an implementation says which
-workload kinds it handles.
+workload kinds it handles. The ``"adamw"`` kind (presets ``*-adamw``) times whole optimizer
+steps instead: ``torch.optim.AdamW(fused=True)`` alone (the reference), AdamW(foreach) after
+``clip_grad_norm_``, ``StabilizedOptimizer(AdamW(fused=True))`` and ``StabilizedAdamW``
+(docs/adamw.md).
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ class Workload:
         copy: copies ``copy_bytes`` bytes from one buffer to another (reads and writes each byte
             once): the bandwidth probe that the floor is derived from.
         copy_bytes: the size of that copy.
+        params: for the "adamw" kind, the parameters whose ``.grad`` are ``tensors``.
+        moments: for the "adamw" kind, AdamW's ``exp_avg``/``exp_avg_sq`` of each parameter,
+            shared by every implementation (so the moments take memory once).
     """
 
     kind: str
@@ -95,6 +101,8 @@ class Workload:
     restore: Callable[[], None]
     copy: Callable[[], None]
     copy_bytes: int
+    params: list[Tensor] = field(default_factory=list)
+    moments: list[dict[str, Tensor]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -391,9 +399,111 @@ register_implementation(
 )
 register_implementation(Implementation("clip_grad_norm_", ("grads",), _clip_setup))
 
+# ----------------------------------------------------------------------------------------------
+# Whole AdamW steps (the "adamw" kind)
+
+
+def adamw_workload(preset: Preset, device: torch.device, seed: int = 0) -> Workload:
+    """Parameters of ``preset.shapes`` with the gradients of ``gradient_workload`` and shared
+    AdamW moments. ``restore`` puts the gradients back (the composition and clipping rescale
+    them). Floor bytes: StabilizedAdamW's, AdamW's own traffic (read and write the parameter
+    and both moments, read the gradient) plus one more read of the gradient for its norm."""
+    workload = gradient_workload(preset, device, seed)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    for g in workload.tensors:
+        p = torch.randn(g.shape, generator=gen, device=device, dtype=g.dtype)
+        p.grad = g
+        workload.params.append(p)
+        workload.moments.append({"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)})
+    grad_bytes = sum(g.numel() * g.element_size() for g in workload.tensors)
+    workload.kind = "adamw"
+    workload.floor_bytes = 8 * grad_bytes
+    return workload
+
+
+def _with_moments(optimizer: torch.optim.Optimizer, workload: Workload, step_device) -> None:
+    """Hands ``optimizer`` the workload's moments, with its own step counts on ``step_device``
+    (a float32 tensor per parameter, as torch's AdamW keeps them)."""
+    for p, moments in zip(workload.params, workload.moments):
+        step = torch.zeros((), dtype=torch.float32, device=step_device)
+        optimizer.state[p] = {"step": step, **moments}
+
+
+def _adamw_fused(workload: Workload, device: torch.device) -> Callable[[], Any]:
+    opt = torch.optim.AdamW(workload.params, fused=True)
+    _with_moments(opt, workload, device)
+    return opt.step
+
+
+def _adamw_foreach_clip(workload: Workload, device: torch.device) -> Callable[[], Any]:
+    opt = torch.optim.AdamW(workload.params, foreach=True)
+    _with_moments(opt, workload, "cpu")
+
+    def step() -> None:
+        torch.nn.utils.clip_grad_norm_(workload.params, CLIP_MAX_NORM, foreach=True)
+        opt.step()
+
+    return step
+
+
+def _stabilized_optimizer(workload: Workload, device: torch.device) -> Callable[[], Any]:
+    from gradstab.optim import StabilizedOptimizer
+
+    inner = torch.optim.AdamW(workload.params, fused=True)
+    _with_moments(inner, workload, device)
+    return StabilizedOptimizer(inner).step
+
+
+def _stabilized_adamw(workload: Workload, device: torch.device) -> Callable[[], Any]:
+    from gradstab.adamw import StabilizedAdamW
+
+    opt = StabilizedAdamW(workload.params)
+    _with_moments(opt, workload, device)
+    return opt.step
+
+
+def _adamw_kernel_unavailable(device: torch.device) -> str | None:
+    if not _ops.has_kernel(device.type, "stabilized_adamw_"):
+        return f"gradstab._C has no {device.type} kernel of stabilized_adamw_"
+    return None
+
+
+register_implementation(Implementation("adamw_fused", ("adamw",), _adamw_fused))
+register_implementation(Implementation("adamw_foreach_clip", ("adamw",), _adamw_foreach_clip))
+register_implementation(Implementation("stabilized_optimizer", ("adamw",), _stabilized_optimizer))
+register_implementation(
+    Implementation("stabilized_adamw", ("adamw",), _stabilized_adamw, _adamw_kernel_unavailable)
+)
+
+
+def _adamw_preset(base: Preset) -> Preset:
+    """The AdamW-step twin of a gradient preset: ``<name>-adamw``, same shapes and dtype."""
+    return register_preset(
+        Preset(
+            f"{base.name}-adamw",
+            base.device,
+            f"one AdamW step on {base.description}",
+            base.shapes,
+            base.dtype,
+            kind="adamw",
+            make_workload=adamw_workload,
+        )
+    )
+
+
+_adamw_preset(PRESETS["cpu"]["gpt2-small"])
+for _name in ("gpt2-small", "llama-1b", "llama-7b"):
+    _adamw_preset(PRESETS["cuda"][_name])
+
 REFERENCE = "clip_grad_norm_"
 BASELINE = "loop"
 FLOOR = "floor"
+# Per workload kind: (reference, its column title, baseline, its column title). Every time is
+# divided by the reference's; the baseline's time is divided by every time.
+RATIOS = {
+    "grads": (REFERENCE, "vs clip", BASELINE, "loop speed-up"),
+    "adamw": ("adamw_fused", "vs AdamW(fused)", "adamw_foreach_clip", "foreach+clip speed-up"),
+}
 COPY = "copy"  # the bandwidth probe's own row of timings, turned into the floor
 
 
@@ -598,6 +708,10 @@ def records(runs: Sequence[PresetRun], info: dict[str, Any]) -> list[dict[str, A
                     "vs_clip_grad_norm": _round(pr.ratio(name, REFERENCE)),
                     "vs_floor": _round(pr.ratio(name, FLOOR)),
                     "loop_speedup": _round(pr.ratio(BASELINE, name)),
+                    "reference": RATIOS[pr.preset.kind][0],
+                    "vs_reference": _round(pr.ratio(name, RATIOS[pr.preset.kind][0])),
+                    "baseline": RATIOS[pr.preset.kind][2],
+                    "baseline_speedup": _round(pr.ratio(RATIOS[pr.preset.kind][2], name)),
                     "copy_gbps": round(pr.copy_gbps, 2),
                     "note": r.note,
                 }
@@ -623,10 +737,7 @@ def markdown(runs: Sequence[PresetRun], info: dict[str, Any], repeats: int) -> s
             f"- Load average (1, 5, 15 min): {info['load_before']} before, "
             f"{info.get('load_after', '?')} after"
         )
-    lines.append(
-        f"- Median of {repeats} interleaved repetitions; `vs clip` = time / clip_grad_norm_ "
-        "time, `vs floor` = time / floor time, `loop speed-up` = loop time / time."
-    )
+    lines.append(f"- Median of {repeats} interleaved repetitions.")
     lines += ["", "Presets:", ""]
     for pr in runs:
         mb = pr.grad_bytes / 1e6
@@ -634,18 +745,31 @@ def markdown(runs: Sequence[PresetRun], info: dict[str, Any], repeats: int) -> s
             f"- `{pr.preset.name}`: {pr.preset.description}; {pr.tensors} tensors, "
             f"{pr.elements / 1e6:.1f}M values, {mb:.1f} MB; copy bandwidth {pr.copy_gbps:.1f} GB/s"
         )
-    lines += [
-        "",
-        "| preset | implementation | median ms | vs clip | vs floor | loop speed-up |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for pr in runs:
-        for name, r in pr.results.items():
-            ms = _fmt_ms(r.median_ms) if r.times_ms else r.note
-            lines.append(
-                f"| {pr.preset.name} | {name} | {ms} | {_fmt_ratio(pr.ratio(name, REFERENCE))} "
-                f"| {_fmt_ratio(pr.ratio(name, FLOOR))} | {_fmt_ratio(pr.ratio(BASELINE, name))} |"
-            )
+    for kind in dict.fromkeys(pr.preset.kind for pr in runs):
+        reference, vs_title, baseline, speedup_title = RATIOS[kind]
+        lines += [
+            "",
+            f"`{vs_title}` = time / {reference} time, `vs floor` = time / floor time, "
+            f"`{speedup_title}` = {baseline} time / time.",
+            "",
+            f"| preset | implementation | median ms | {vs_title} | vs floor | {speedup_title} |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for pr in runs:
+            if pr.preset.kind != kind:
+                continue
+            for name, r in pr.results.items():
+                ms = _fmt_ms(r.median_ms) if r.times_ms else r.note
+                ratios = (
+                    pr.ratio(name, reference),
+                    pr.ratio(name, FLOOR),
+                    pr.ratio(baseline, name),
+                )
+                lines.append(
+                    f"| {pr.preset.name} | {name} | {ms} | "
+                    + " | ".join(_fmt_ratio(x) for x in ratios)
+                    + " |"
+                )
     return "\n".join(lines)
 
 

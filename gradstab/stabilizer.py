@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 import sys
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,7 @@ from gradstab import _ops, _torch_backend, distributed
 from gradstab import functional as F
 
 Key = str | int
+_Result = TypeVar("_Result")
 ParamsLike = nn.Module | torch.optim.Optimizer | Iterable[Tensor] | Iterable[dict] | Tensor
 
 STATE_DICT_VERSION = 1
@@ -465,41 +466,57 @@ class GradientStabilizer:
     def _apply_global(self, with_grad: list[_Entry], found_inf: Tensor | None) -> _StatsPart:
         grads = [e.param.grad for e in with_grad]
         device = grads[0].device
+        state = self._global_state(device)
+        norms, found_inf = self._run(grads, state, found_inf, [e.label for e in with_grad])
+        return _StatsPart(norms, state.m, state.v, state.k, _on(found_inf, device), True)
+
+    def _global_state(self, device: torch.device) -> F.StabilizerState:
+        """The one (m, v, k) of granularity "global", on ``device`` (created, loaded or moved)."""
         if self._global is None:
             pending = self._pending.pop("<global>", None)
             if pending is not None:
                 self._global = F.StabilizerState(*(t.reshape(1).to(device) for t in pending))
             else:
-                self._global = F.init_state(grads, "global", device=device)
+                self._global = F.init_state([], "global", device=device)
         elif self._global.m.device != device:
             self._global = F.StabilizerState(*(t.to(device) for t in self._global))
-        state = self._global
-        norms, found_inf = self._run(grads, state, found_inf, [e.label for e in with_grad])
-        return _StatsPart(norms, state.m, state.v, state.k, _on(found_inf, device), True)
+        return self._global
 
     def _apply_param(
         self, device: torch.device, entries: list[_Entry], found_inf: Tensor | None
     ) -> _StatsPart:
+        grads = [e.param.grad for e in entries]
+        labels = [e.label for e in entries]
+        (norms, found_inf), state = self._with_param_state(
+            device, entries, lambda state: self._run(grads, state, found_inf, labels)
+        )
+        return _StatsPart(norms, state.m, state.v, state.k, _on(found_inf, device), False)
+
+    def _with_param_state(
+        self,
+        device: torch.device,
+        entries: list[_Entry],
+        run: Callable[[F.StabilizerState], _Result],
+    ) -> tuple[_Result, F.StabilizerState]:
+        """Calls ``run`` on the state of ``entries`` (one entry each, in their order, on
+        ``device``), keeps what it writes there, and returns its result and that state."""
         keys = [e.key for e in entries]
         group = self._groups.get(device)
         if group is None or any(key not in group.position for key in keys):
             group = self._rebuild(device, keys)
-        grads = [e.param.grad for e in entries]
-        labels = [e.label for e in entries]
         n = len(keys)
         if group.keys[:n] == keys:
             # Steady state: the state of exactly these gradients is a prefix of the flat tensors.
             state = F.StabilizerState(group.m[:n], group.v[:n], group.k[:n])
-            norms, found_inf = self._run(grads, state, found_inf, labels)
-        else:
-            # Some parameters have no gradient this step: work on a gathered copy of the rest.
-            idx = torch.tensor([group.position[key] for key in keys], device=device)
-            state = F.StabilizerState(group.m[idx], group.v[idx], group.k[idx])
-            norms, found_inf = self._run(grads, state, found_inf, labels)
-            group.m.index_copy_(0, idx, state.m)
-            group.v.index_copy_(0, idx, state.v)
-            group.k.index_copy_(0, idx, state.k)
-        return _StatsPart(norms, state.m, state.v, state.k, _on(found_inf, device), False)
+            return run(state), state
+        # Some parameters have no gradient this step: work on a gathered copy of the rest.
+        idx = torch.tensor([group.position[key] for key in keys], device=device)
+        state = F.StabilizerState(group.m[idx], group.v[idx], group.k[idx])
+        result = run(state)
+        group.m.index_copy_(0, idx, state.m)
+        group.v.index_copy_(0, idx, state.v)
+        group.k.index_copy_(0, idx, state.k)
+        return result, state
 
     def _rebuild(self, device: torch.device, keys: list[Key]) -> _DeviceState:
         """Re-lays the state of ``device`` so that ``keys`` come first, in order.

@@ -35,6 +35,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "multi_tensor_plan.h"
@@ -66,12 +67,20 @@ __device__ inline ChunkRef locate_chunk(const TensorListView& list, int64_t chun
 
 DtypeCode dtype_code(at::ScalarType dtype);
 
+// Metadata of the caller's own that travels in the same upload: `bytes` at layout().extra,
+// written on the host by `fill` (into zeroed memory).
+struct ExtraUpload {
+  size_t bytes = 0;
+  std::function<void(uint8_t* host)> fill;
+};
+
 // A list of non-overlapping-and-dense tensors on one CUDA device, chunked, with its metadata
 // uploaded (see the NOTE above) for kernels on `stream`, the device's current stream. Read the
 // scratch regions through region(); call finish() after the last kernel that uses the buffer.
 class ChunkedList {
  public:
-  ChunkedList(const std::vector<at::Tensor>& tensors, c10::cuda::CUDAStream stream);
+  ChunkedList(const std::vector<at::Tensor>& tensors, c10::cuda::CUDAStream stream,
+              ExtraUpload extra = {});
 
   int64_t num_tensors() const { return num_tensors_; }
   int64_t num_chunks() const { return num_chunks_; }
@@ -98,6 +107,7 @@ class ChunkedList {
   ListLayout layout_;
   bool capturing_;
   c10::cuda::CUDAStream stream_;
+  ExtraUpload extra_;
   at::Tensor buffer_;
 };
 

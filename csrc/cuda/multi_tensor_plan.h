@@ -63,31 +63,31 @@ GRADSTAB_HOST_DEVICE inline ChunkSpan chunk_span(int64_t numel, int64_t chunk_in
 // NOTE: [thread order of a chunk]
 // A chunk of `len` elements is read as len / W vectors of W elements (16 bytes), then a tail of
 // len % W elements. Thread `tid` of `num_threads` takes vectors tid, tid + num_threads, ... in
-// that order, kUnroll at a time (all loads of a batch before the first use, to keep several in
-// flight); the tail belongs to the thread whose turn vector number len / W would be. Aligned
-// tensors load each vector with one 16-byte access, the others element by element, but both
-// visit the same elements in the same order: the floating-point sums, and so every result bit,
+// that order, Unroll (default kUnroll) at a time (all loads of a batch before the first use, to
+// keep several in flight); the tail belongs to the thread whose turn vector number len / W would
+// be. Aligned tensors load each vector with one 16-byte access, the others element by element, but
+// both visit the same elements in the same order: the floating-point sums, and so every result bit,
 // do not depend on the alignment of the data.
 //
 // load(slot, vec) reads vector `vec` into register slot `slot`; use(slot, vec) consumes it;
-// tail(begin, end) handles elements [begin, end). Both kernels of stabilize.cu and the host
-// harness go through this function.
-template <int W, typename Load, typename Use, typename Tail>
+// tail(begin, end) handles elements [begin, end). The kernels of stabilize.cu and adamw.cu and
+// the host harness go through this function.
+template <int W, int Unroll = kUnroll, typename Load, typename Use, typename Tail>
 GRADSTAB_HOST_DEVICE inline void visit_chunk(int tid, int num_threads, int32_t len, Load&& load,
                                              Use&& use, Tail&& tail) {
   const int32_t num_vecs = len / W;
-  for (int32_t base = tid; base < num_vecs; base += kUnroll * num_threads) {
+  for (int32_t base = tid; base < num_vecs; base += Unroll * num_threads) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < Unroll; ++u) {
       const int32_t vec = base + u * num_threads;
       if (vec < num_vecs) load(u, vec);
     }
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < Unroll; ++u) {
       const int32_t vec = base + u * num_threads;
       if (vec < num_vecs) use(u, vec);
     }
@@ -110,6 +110,7 @@ struct ListLayout {
   size_t dtype;        // uint8_t[T] (DtypeCode)
   size_t tensor_done;  // uint32_t[T]: chunks of tensor t whose partial sum is written
   size_t list_done;    // uint32_t[1]: tensors whose sum of squares is written
+  size_t extra;        // the caller's own metadata (extra_upload_bytes of plan_layout)
   size_t upload_bytes;
   size_t partial;   // double[num_chunks]: sum of squares of each chunk
   size_t sumsq;     // double[T + 1]: of each tensor, then of the whole list
@@ -128,7 +129,8 @@ GRADSTAB_HOST_DEVICE inline size_t align16(size_t n) {
   return (n + 15) / 16 * 16;
 }
 
-inline ListLayout plan_layout(int64_t num_tensors, int64_t num_chunks) {
+inline ListLayout plan_layout(int64_t num_tensors, int64_t num_chunks,
+                              size_t extra_upload_bytes = 0) {
   const size_t t = static_cast<size_t>(num_tensors);
   ListLayout l{};
   size_t at = 0;
@@ -143,6 +145,7 @@ inline ListLayout plan_layout(int64_t num_tensors, int64_t num_chunks) {
   l.dtype = take(t * sizeof(uint8_t));
   l.tensor_done = take(t * sizeof(uint32_t));
   l.list_done = take(sizeof(uint32_t));
+  l.extra = take(extra_upload_bytes);
   l.upload_bytes = at;
   l.partial = take(static_cast<size_t>(num_chunks) * sizeof(double));
   l.sumsq = take((t + 1) * sizeof(double));

@@ -35,6 +35,7 @@
 
 #include "../stabilize_args.h"
 #include "../stabilize_math.h"
+#include "kernel_utils.cuh"
 #include "multi_tensor.cuh"
 
 #define GRADSTAB_STRINGIFY_(...) #__VA_ARGS__
@@ -72,100 +73,6 @@ struct StepArgs {
   bool update_state;  // false for nonfinite="raise": decide_kernel runs after the host check
   StabilizerConfig cfg;
 };
-
-template <typename scalar_t>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
-// W elements of 16 bytes, loaded and stored with one access where the address allows.
-template <typename scalar_t>
-struct alignas(16) Pack {
-  static constexpr int kWidth = 16 / sizeof(scalar_t);
-  scalar_t val[kWidth];
-};
-
-template <typename scalar_t>
-__device__ __forceinline__ double square(scalar_t x) {
-  const double d = static_cast<double>(static_cast<typename AccType<scalar_t>::type>(x));
-  return d * d;
-}
-
-// Calls f with a null pointer of the C++ type of `code`.
-template <typename F>
-__device__ __forceinline__ void dispatch_dtype(uint8_t code, const F& f) {
-  switch (code) {
-    case kCodeFloat:
-      f(static_cast<float*>(nullptr));
-      break;
-    case kCodeDouble:
-      f(static_cast<double*>(nullptr));
-      break;
-    case kCodeHalf:
-      f(static_cast<c10::Half*>(nullptr));
-      break;
-    default:
-      f(static_cast<c10::BFloat16*>(nullptr));
-      break;
-  }
-}
-
-// Pack number `vec` of x: one 16-byte access when kAligned, else W element accesses.
-template <bool kAligned, typename scalar_t>
-__device__ __forceinline__ void load_pack(const scalar_t* x, int32_t vec, Pack<scalar_t>& p) {
-  if constexpr (kAligned) {
-    p = reinterpret_cast<const Pack<scalar_t>*>(x)[vec];
-  } else {
-#pragma unroll
-    for (int j = 0; j < Pack<scalar_t>::kWidth; ++j) p.val[j] = x[vec * Pack<scalar_t>::kWidth + j];
-  }
-}
-
-template <bool kAligned, typename scalar_t>
-__device__ __forceinline__ void store_pack(scalar_t* x, int32_t vec, const Pack<scalar_t>& p) {
-  if constexpr (kAligned) {
-    reinterpret_cast<Pack<scalar_t>*>(x)[vec] = p;
-  } else {
-#pragma unroll
-    for (int j = 0; j < Pack<scalar_t>::kWidth; ++j) x[vec * Pack<scalar_t>::kWidth + j] = p.val[j];
-  }
-}
-
-// Calls f(std::true_type{}) when x allows 16-byte access, else f(std::false_type{}).
-// x must point to a gradient's data (not null: callers skip empty chunks).
-template <typename F>
-__device__ __forceinline__ void dispatch_alignment(const void* x, const F& f) {
-  // Gradients are in global memory; saying so lets the compiler use global (LDG/STG) rather
-  // than generic accesses for a pointer it read from the metadata.
-  __builtin_assume(__isGlobal(x));
-  if (is_vector_aligned(x)) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
-// This thread's share of the sum of squares of x[0, len), in float64.
-template <bool kAligned, typename scalar_t>
-__device__ double thread_sum_squares(const scalar_t* x, int32_t len) {
-  constexpr int W = Pack<scalar_t>::kWidth;
-  Pack<scalar_t> buf[kUnroll];
-  double acc = 0.0;
-  visit_chunk<W>(
-      threadIdx.x, kThreads, len, [&](int u, int32_t vec) { load_pack<kAligned>(x, vec, buf[u]); },
-      [&](int u, int32_t) {
-#pragma unroll
-        for (int j = 0; j < W; ++j) acc += square(buf[u].val[j]);
-      },
-      [&](int32_t begin, int32_t end) {
-        for (int32_t i = begin; i < end; ++i) acc += square(x[i]);
-      });
-  return acc;
-}
 
 // x[0, len) <- x * factor (computed in float, or in double for double gradients).
 template <bool kAligned, typename scalar_t>
@@ -205,29 +112,12 @@ __device__ void zero_elements(scalar_t* x, int32_t len) {
       });
 }
 
-__device__ double read_as_double(const void* p, int32_t code) {
-  double value = 0.0;
-  dispatch_dtype(static_cast<uint8_t>(code), [&](auto* typed) {
-    using scalar_t = std::remove_pointer_t<decltype(typed)>;
-    value = static_cast<double>(
-        static_cast<typename AccType<scalar_t>::type>(*static_cast<const scalar_t*>(p)));
-  });
-  return value;
-}
-
 // The state update of one slot (a tensor, or the whole list) and the decision for its grads.
 __device__ void decide(const StepArgs& a, int64_t slot, double norm) {
   const bool skip_step =
       a.found_inf != nullptr && read_as_double(a.found_inf, a.found_inf_dtype) > 0.0;
   const StepDecision d = stabilize_step(norm, skip_step, a.cfg, a.m + slot, a.v + slot, a.k + slot);
   a.decision[slot] = Decision{d.factor, d.action, 0};
-}
-
-// Sum of count doubles from L2, in a fixed order; valid in thread 0.
-__device__ double sum_from_l2(const double* values, int64_t count, double* scratch) {
-  double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < count; i += kThreads) acc += __ldcg(values + i);
-  return block_sum(acc, scratch);
 }
 
 // Run by the block that wrote the last chunk sum of tensor t: see NOTE: [fused norm and state
