@@ -23,7 +23,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <sstream>
 #include <vector>
 
 #include "../stabilize_args.h"
@@ -140,20 +139,6 @@ void apply_decision(const FlatGrad& g, int64_t begin, int64_t end, const StepDec
   } else {
     g.kernels->scale(data, end - begin, d.factor);
   }
-}
-
-std::string nonfinite_message(const std::vector<double>& sumsq) {
-  std::ostringstream msg;
-  msg << "gradstab: non-finite gradient norm with nonfinite='raise' (";
-  bool first = true;
-  for (size_t i = 0; i < sumsq.size(); ++i) {
-    if (!is_finite(sumsq[i])) {
-      msg << (first ? "grads[" : ", grads[") << i << "]";
-      first = false;
-    }
-  }
-  msg << (first ? "the global norm overflowed" : "") << "); nothing was changed";
-  return msg.str();
 }
 
 at::Tensor stabilize_cpu(at::TensorList grads, at::Tensor& m, at::Tensor& v, at::Tensor& k,

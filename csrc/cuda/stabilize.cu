@@ -28,7 +28,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <sstream>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -205,20 +204,6 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const StepArgs a) {
 }
 
 // The same message as the CPU kernel's, which gradstab.functional turns into FloatingPointError.
-std::string nonfinite_message(const std::vector<double>& norms) {
-  std::ostringstream msg;
-  msg << "gradstab: non-finite gradient norm with nonfinite='raise' (";
-  bool first = true;
-  for (size_t i = 0; i < norms.size(); ++i) {
-    if (!std::isfinite(norms[i])) {
-      msg << (first ? "grads[" : ", grads[") << i << "]";
-      first = false;
-    }
-  }
-  msg << (first ? "the global norm overflowed" : "") << "); nothing was changed";
-  return msg.str();
-}
-
 // nonfinite="raise": reads the sums of squares (one sync) and raises before anything changes.
 void raise_if_nonfinite(const ChunkedList& list, const at::Tensor& found_inf, bool global_norm) {
   const int64_t num_tensors = list.num_tensors();
