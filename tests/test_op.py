@@ -68,7 +68,7 @@ def test_build_info_names_the_build():
 
 
 def test_writes_bump_version_counters():
-    """Autograd falls through to the kernel, which must still mark what it wrote."""
+    """Autograd must see the in-place change of every tensor the op writes."""
     grads = [torch.randn(5), torch.randn(3, 4)]
     state = F.init_state(grads)
     before = [t._version for t in [*grads, *state]]
