@@ -2,6 +2,7 @@
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -33,6 +34,8 @@ void check_written(const at::Tensor& t, const char* name, size_t i, c10::Device 
   TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, kAdamwOp, ": ", name, "[", i,
               "] has elements that share memory (an expanded tensor) and cannot be updated in "
               "place");
+  TORCH_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), kAdamwOp, ": ", name, "[", i,
+              "] requires grad and grad mode is on; call it under torch.no_grad()");
 }
 
 // A tensor that must match params[i] in shape, dtype and device.
@@ -148,6 +151,15 @@ at::Tensor laid_out_like(const at::Tensor& t, const at::Tensor& like, bool writt
     copies.read.push_back(copy);
   }
   return copy;
+}
+
+void bump_adamw_versions(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                         at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                         const at::Tensor& m, const at::Tensor& v, const at::Tensor& k) {
+  for (at::TensorList list : {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps}) {
+    for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
+  }
+  for (const at::Tensor* t : {&m, &v, &k}) t->unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace gradstab

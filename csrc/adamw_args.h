@@ -55,4 +55,10 @@ struct Copies {
 // shape), kept in `copies`.
 at::Tensor laid_out_like(const at::Tensor& t, const at::Tensor& like, bool written, Copies& copies);
 
+// Bumps the version counters of every tensor stabilized_adamw_ writes (see NOTE: [no autograd for
+// stabilize_] in csrc/autograd.cpp, which applies to this op too).
+void bump_adamw_versions(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                         at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                         const at::Tensor& m, const at::Tensor& v, const at::Tensor& k);
+
 }  // namespace gradstab

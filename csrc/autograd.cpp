@@ -1,4 +1,4 @@
-// The non-backend dispatch keys of gradstab::stabilize_.
+// The non-backend dispatch keys of gradstab::stabilize_ and gradstab::stabilized_adamw_.
 //
 // NOTE: [no autograd for stabilize_]
 // The op rescales gradients in place; it is not differentiable and runs under torch.no_grad().
@@ -11,8 +11,10 @@
 
 TORCH_LIBRARY_IMPL(gradstab, Autograd, m) {
   m.impl("stabilize_", torch::CppFunction::makeFallthrough());
+  m.impl("stabilized_adamw_", torch::CppFunction::makeFallthrough());
 }
 
 TORCH_LIBRARY_IMPL(gradstab, ADInplaceOrView, m) {
   m.impl("stabilize_", torch::CppFunction::makeFallthrough());
+  m.impl("stabilized_adamw_", torch::CppFunction::makeFallthrough());
 }

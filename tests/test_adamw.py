@@ -473,6 +473,31 @@ def test_opcheck(found_inf):
 
 
 @pytest_kernel
+def test_op_bumps_version_counters_and_refuses_grad_mode(seed):
+    """Autograd must see the in-place writes (NOTE: [no autograd for stabilize_]), and a param
+    that requires grad may only be stepped under no_grad, as torch's optimizers do."""
+    params, grads, state = op_lists(torch.float32, seed, [(5, 3), (7,)], amsgrad=True)
+    stab_state = F.init_state(grads)
+    written = [*params, *state["exp_avgs"], *state["exp_avg_sqs"], *state["max_exp_avg_sqs"],
+               *state["steps"], *stab_state]  # fmt: skip
+    before = [t._version for t in written]
+    torch.ops.gradstab.stabilized_adamw_(*op_args(params, grads, state, stab_state, amsgrad=True))
+    assert all(t._version > b for t, b in zip(written, before))
+
+    params[1].requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"params\[1\] requires grad"):
+        torch.ops.gradstab.stabilized_adamw_(
+            *op_args(params, grads, state, stab_state, amsgrad=True)
+        )
+    assert stab_state.k.tolist() == [1, 1]
+    with torch.no_grad():
+        torch.ops.gradstab.stabilized_adamw_(
+            *op_args(params, grads, state, stab_state, amsgrad=True)
+        )
+    assert stab_state.k.tolist() == [2, 2]
+
+
+@pytest_kernel
 def test_op_fake_kernel_shape():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -394,6 +394,7 @@ at::Tensor stabilized_adamw_cpu(
   if (!skip_step) {
     for (const auto& [original, copy] : copies.written) original.copy_(copy);
   }
+  bump_adamw_versions(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, m, v, k);
 
   at::Tensor norms = at::empty({num_tensors}, m.options().dtype(at::kFloat));
   plan.write_norms(norms.data_ptr<float>());

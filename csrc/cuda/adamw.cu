@@ -452,6 +452,7 @@ at::Tensor stabilized_adamw_cuda(
 
   for (const auto& [original, copy] : copies.written) original.copy_(copy);
   list.finish();
+  bump_adamw_versions(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, m, v, k);
   return norms;
 }
 
