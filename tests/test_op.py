@@ -88,4 +88,3 @@ def test_grads_that_require_grad_are_refused_in_grad_mode():
     with torch.no_grad():
         F.stabilize_(grads, state, backend="compiled")
     assert state.k.item() == 1
-
