@@ -7,9 +7,9 @@ TORCH_SPEC ?= torch==2.13.0
 # The integrations' libraries (the extras `hf` and `lightning`), for their tests and examples.
 EXTRAS_SPEC ?= transformers==5.18.0 accelerate==1.15.0 lightning==2.6.6
 STAMP := $(VENV)/.gradstab-built
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
 PY_DIRS := $(wildcard gradstab tests benchmarks examples)
-CLANG_FORMAT_FILES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp tests/*.cpp)
+CLANG_FORMAT_FILES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp tests/*.cpp)
 
 .PHONY: setup test lint format cuda-check demo
 

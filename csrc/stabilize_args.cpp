@@ -42,6 +42,7 @@ void check_tensors(at::TensorList grads, const at::Tensor& m, const at::Tensor& 
                    const at::Tensor& k, const std::optional<at::Tensor>& found_inf,
                    bool global_norm, c10::Device device) {
   const int64_t num_grads = static_cast<int64_t>(grads.size());
+  const bool grad_mode = at::GradMode::is_enabled();
   for (int64_t i = 0; i < num_grads; ++i) {
     const at::Tensor& g = grads[i];
     TORCH_CHECK(g.defined(), "gradstab::stabilize_: grads[", i, "] is undefined");
@@ -54,12 +55,14 @@ void check_tensors(at::TensorList grads, const at::Tensor& m, const at::Tensor& 
         dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
         "gradstab::stabilize_: grads[", i, "] has dtype ", dtype,
         "; supported: float16, bfloat16, float32, float64");
-    TORCH_CHECK(!(g.requires_grad() && at::GradMode::is_enabled()), "gradstab::stabilize_: grads[",
-                i, "] requires grad and grad mode is on; call it under torch.no_grad()");
-    TORCH_CHECK(at::has_internal_overlap(g) != at::MemOverlap::Yes, "gradstab::stabilize_: grads[",
-                i,
-                "] has elements that share memory (an expanded tensor) and cannot be scaled "
-                "in place");
+    TORCH_CHECK(!(grad_mode && g.requires_grad()), "gradstab::stabilize_: grads[", i,
+                "] requires grad and grad mode is on; call it under torch.no_grad()");
+    // Dense tensors (nearly all gradients) cannot overlap; only the others need the full test.
+    TORCH_CHECK(
+        g.is_non_overlapping_and_dense() || at::has_internal_overlap(g) != at::MemOverlap::Yes,
+        "gradstab::stabilize_: grads[", i,
+        "] has elements that share memory (an expanded tensor) and cannot be scaled "
+        "in place");
   }
   const int64_t state_size = global_norm ? 1 : num_grads;
   const char* op = "gradstab::stabilize_";

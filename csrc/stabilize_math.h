@@ -44,6 +44,17 @@ struct StabilizerConfig {
   int64_t nonfinite;
 };
 
+// gamma^k for the bias correction, computed where it is needed. The CPU kernel passes a
+// PowerTable instead (same pow calls, made once per step for the values of k in use).
+struct DirectPowers {
+  GRADSTAB_HOST_DEVICE double gamma1_pow(const StabilizerConfig& cfg, int64_t k) const {
+    return pow(cfg.gamma1, static_cast<double>(k));
+  }
+  GRADSTAB_HOST_DEVICE double gamma2_pow(const StabilizerConfig& cfg, int64_t k) const {
+    return pow(cfg.gamma2, static_cast<double>(k));
+  }
+};
+
 struct StepDecision {
   int32_t action;  // a GradAction
   double factor;   // the multiplier for kScaleGrad
@@ -52,9 +63,12 @@ struct StepDecision {
 // Updates (m, v, k) in place for one gradient of norm `norm` and says what to do to the gradient.
 // `found_inf` means a loss scaler will skip this step: nothing may change. The raise policy is
 // enforced by the caller before this is reached; here it behaves like "skip".
+// `powers` supplies gamma1^k and gamma2^k (DirectPowers: pow).
+template <typename Powers = DirectPowers>
 GRADSTAB_HOST_DEVICE inline StepDecision stabilize_step(double norm, bool found_inf,
                                                         const StabilizerConfig& cfg, double* m,
-                                                        double* v, int64_t* k) {
+                                                        double* v, int64_t* k,
+                                                        const Powers& powers = Powers()) {
   if (found_inf) return {kLeaveGrad, 1.0};
   if (!is_finite(norm)) {
     return cfg.nonfinite == kNonfiniteZero ? StepDecision{kZeroGrad, 0.0}
@@ -65,7 +79,7 @@ GRADSTAB_HOST_DEVICE inline StepDecision stabilize_step(double norm, bool found_
   double stat_norm = norm < kMaxStatNorm ? norm : kMaxStatNorm;
   if (cfg.has_spike_guard && *k > 0) {
     double v_prev = *v;
-    if (cfg.bias_correction) v_prev /= 1.0 - pow(cfg.gamma2, static_cast<double>(*k));
+    if (cfg.bias_correction) v_prev /= 1.0 - powers.gamma2_pow(cfg, *k);
     double bound = cfg.spike_guard * sqrt(v_prev);
     if (stat_norm > bound) stat_norm = bound;
   }
@@ -76,9 +90,8 @@ GRADSTAB_HOST_DEVICE inline StepDecision stabilize_step(double norm, bool found_
   double m_hat = *m;
   double v_hat = *v;
   if (cfg.bias_correction) {
-    double kd = static_cast<double>(*k);
-    m_hat /= 1.0 - pow(cfg.gamma1, kd);
-    v_hat /= 1.0 - pow(cfg.gamma2, kd);
+    m_hat /= 1.0 - powers.gamma1_pow(cfg, *k);
+    v_hat /= 1.0 - powers.gamma2_pow(cfg, *k);
   }
   double target_norm = m_hat / (sqrt(v_hat) + cfg.eps);
   return {kScaleGrad, target_norm / (norm > cfg.eps ? norm : cfg.eps)};

@@ -268,3 +268,39 @@ def test_output_norm_is_bounded_whatever_the_spike(backend, seed):
         F.stabilize_(g, state, backend=backend)
         assert g[0].norm().item() <= magnitude_bound(0.6, 0.999, k) * (1 + 1e-12)
     assert magnitude_bound(0.6, 0.999, 100_000) == pytest.approx(15.8, abs=0.05)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("spike_guard", [None, 2.0])
+@pytest.mark.parametrize(
+    "counts",
+    [[5] * 7, [0, 1, 2, 3, 4, 5, 6], [0, 3, 7, 40, 41, 900, 12_345]],
+    ids=["equal", "spread_in_table", "spread_beyond_table"],
+)
+def test_unequal_counts_match_reference(backend, spike_guard, counts, seed):
+    """Tensors whose counts k differ (after zero or non-finite gradients, or a loaded state):
+    the compiled CPU op takes gamma^k from a table for the counts in use (NOTE: [power table]),
+    and falls back to pow when they are too far apart."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(counts)
+    ref = ReferenceStabilizer(n, spike_guard=spike_guard)
+    for s, k in zip(ref.states, counts):
+        s.k = k
+        s.m = 0.0 if k == 0 else float(torch.rand((), generator=gen, dtype=torch.float64)) + 0.5
+        s.v = 0.0 if k == 0 else s.m**2 * 1.5
+    state = F.StabilizerState(
+        torch.tensor([s.m for s in ref.states], dtype=torch.float64),
+        torch.tensor([s.v for s in ref.states], dtype=torch.float64),
+        torch.tensor(counts, dtype=torch.int64),
+    )
+    for step in range(4):
+        grads = [torch.randn(33, generator=gen) * (1 + 9 * (i == step)) for i in range(n)]
+        if step == 2:
+            grads[1].zero_()  # its count falls behind the others
+        expected, _ = ref.step(grads)
+        F.stabilize_(grads, state, backend=backend, spike_guard=spike_guard)
+        where = f"seed={seed} step={step} counts={counts}"
+        assert_grads_close(grads, expected, torch.float32, where)
+        assert state.k.tolist() == [s.k for s in ref.states], where
+        ref_m = torch.tensor([s.m for s in ref.states], dtype=torch.float64)
+        torch.testing.assert_close(state.m, ref_m, rtol=1e-5, atol=0, msg=f"{where}: m")

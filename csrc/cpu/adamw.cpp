@@ -39,6 +39,7 @@
 #include "../stabilize_math.h"
 #include "adamw_kernels.h"
 #include "kernels.h"
+#include "power_table.h"
 
 namespace gradstab {
 namespace {
@@ -159,6 +160,7 @@ class AdamwStepPlan {
         m_(m.data_ptr<double>()),
         v_(v.data_ptr<double>()),
         k_(k.data_ptr<int64_t>()),
+        powers_(cfg, k_, k.numel()),
         steps_(flat_.size()),
         chunks_done_(new std::atomic<int64_t>[flat_.size()]),
         ready_(new std::atomic<bool>[flat_.size()]) {
@@ -271,7 +273,8 @@ class AdamwStepPlan {
     }
     double total = 0.0;
     for (double s : sumsq_) total += s;
-    const StepDecision d = stabilize_step(std::sqrt(total) * inv_scale_, false, cfg_, m_, v_, k_);
+    const StepDecision d =
+        stabilize_step(std::sqrt(total) * inv_scale_, false, cfg_, m_, v_, k_, powers_);
     for (int64_t t = 0; t < num_tensors(); ++t) finish_tensor(t, d);
   }
 
@@ -306,7 +309,8 @@ class AdamwStepPlan {
   }
 
   StepDecision decide(int64_t t, double sumsq) {
-    return stabilize_step(std::sqrt(sumsq) * inv_scale_, false, cfg_, m_ + t, v_ + t, k_ + t);
+    return stabilize_step(std::sqrt(sumsq) * inv_scale_, false, cfg_, m_ + t, v_ + t, k_ + t,
+                          powers_);
   }
 
   // Counts the step of tensor t and fixes what its update items do; then releases them.
@@ -341,6 +345,7 @@ class AdamwStepPlan {
   double* m_;
   double* v_;
   int64_t* k_;
+  const cpu::PowerTable powers_;  // read by the threads' state updates
   std::vector<TensorStep> steps_;
   std::vector<double> chunk_sums_;
   std::vector<double> sumsq_;

@@ -28,6 +28,7 @@
 #include "../stabilize_args.h"
 #include "../stabilize_math.h"
 #include "kernels.h"
+#include "power_table.h"
 
 namespace gradstab {
 namespace {
@@ -171,6 +172,7 @@ at::Tensor stabilize_cpu(at::TensorList grads, at::Tensor& m, at::Tensor& v, at:
   double* m_data = m.data_ptr<double>();
   double* v_data = v.data_ptr<double>();
   int64_t* k_data = k.data_ptr<int64_t>();
+  const cpu::PowerTable powers(cfg, k_data, global_norm ? 1 : num_grads);
   std::vector<double> sumsq(num_grads, 0.0);
   std::vector<double> item_sumsq(items.size());
   parallel_by_weight(items, flat, [&](int64_t i) {
@@ -181,7 +183,7 @@ at::Tensor stabilize_cpu(at::TensorList grads, at::Tensor& m, at::Tensor& v, at:
     if (g.fused) {
       const int64_t t = it.tensor;
       const StepDecision d =
-          stabilize_step(std::sqrt(s), false, cfg, m_data + t, v_data + t, k_data + t);
+          stabilize_step(std::sqrt(s), false, cfg, m_data + t, v_data + t, k_data + t, powers);
       apply_decision(g, 0, g.numel, d);
     }
   });
@@ -199,13 +201,14 @@ at::Tensor stabilize_cpu(at::TensorList grads, at::Tensor& m, at::Tensor& v, at:
   if (global_norm) {
     double total = 0.0;
     for (double s : sumsq) total += s;
-    const StepDecision d = stabilize_step(std::sqrt(total), skip_step, cfg, m_data, v_data, k_data);
+    const StepDecision d =
+        stabilize_step(std::sqrt(total), skip_step, cfg, m_data, v_data, k_data, powers);
     std::fill(decisions.begin(), decisions.end(), d);
   } else {
     for (int64_t t = 0; t < num_grads; ++t) {
       if (flat[t].fused) continue;
-      decisions[t] =
-          stabilize_step(std::sqrt(sumsq[t]), skip_step, cfg, m_data + t, v_data + t, k_data + t);
+      decisions[t] = stabilize_step(std::sqrt(sumsq[t]), skip_step, cfg, m_data + t, v_data + t,
+                                    k_data + t, powers);
     }
   }
 
