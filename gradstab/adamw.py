@@ -31,6 +31,7 @@ from gradstab.stabilizer import (
     StabilizerStats,
     _check_grad,
     _Entry,
+    _Params,
     _StatsPart,
 )
 
@@ -285,13 +286,14 @@ class StabilizedAdamW(torch.optim.Optimizer):
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         stab = self._stabilizer
         entries, group_of, all_keys = self._entries_with_grad()
-        stab._check_pending(all_keys, entries)
+        stab._check_pending(all_keys, _Params.of_entries(entries))
         if not entries:
             self.last_stats = None
             return loss
         buckets = self._buckets(entries, group_of)
         if stab.nonfinite == "raise" and len(buckets) > 1 and stab.granularity == "param":
-            stab._precheck_finite(entries, found_inf)
+            grads = [e.param.grad for e in entries]
+            stab._precheck_finite(grads, _Params.of_entries(entries), found_inf)
         if stab.granularity == "global":
             parts = [self._step_global(buckets, found_inf, grad_scale)]
         else:
@@ -346,7 +348,8 @@ class StabilizedAdamW(torch.optim.Optimizer):
         for device, entries in by_device.items():
             if len(entries) > len(next(b for b in buckets if b.device == device).entries):
                 entries.sort(key=lambda e: e.key)
-                self._stabilizer._with_param_state(device, entries, lambda state: None)
+                keys = [e.key for e in entries]
+                self._stabilizer._with_param_state(device, keys, lambda state: None)
 
     def _use_kernel(self, device: torch.device) -> bool:
         return self._backend == "auto" and _ops.has_kernel(device.type, "stabilized_adamw_")
@@ -365,7 +368,8 @@ class StabilizedAdamW(torch.optim.Optimizer):
             def run(state: F.StabilizerState) -> Tensor:
                 return self._torch_step([bucket], state, found_inf, grad_scale, False)
 
-        norms, state = self._stabilizer._with_param_state(device, bucket.entries, run)
+        keys = [e.key for e in bucket.entries]
+        norms, state = self._stabilizer._with_param_state(device, keys, run)
         return _stats_part(norms, state, found_inf, False)
 
     def _step_global(

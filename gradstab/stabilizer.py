@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import operator
 import re
 import sys
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -38,6 +39,36 @@ class _Entry:
     key: Key
     label: str  # how error messages name the parameter
     param: Tensor
+
+
+class _Params:
+    """Parameters in order: their state keys, the tensors, and how error messages name them.
+
+    Labels are made only when an error needs one: formatting a label (and building an object)
+    per parameter per step cost more than the compiled op itself on 400 small tensors.
+    """
+
+    def __init__(self, keys: list[Key], tensors: list[Tensor], label: Callable[[int], str]):
+        self.keys = keys
+        self.tensors = tensors
+        self.label = label
+
+    def labels(self) -> list[str]:
+        return [self.label(i) for i in range(len(self.keys))]
+
+    @staticmethod
+    def of_entries(entries: list[_Entry]) -> _Params:
+        return _Params(
+            [e.key for e in entries], [e.param for e in entries], lambda i: entries[i].label
+        )
+
+    def select(self, idx: list[int]) -> _Params:
+        """The parameters at positions ``idx``."""
+        return _Params(
+            [self.keys[i] for i in idx],
+            [self.tensors[i] for i in idx],
+            lambda j: self.label(idx[j]),
+        )
 
 
 @dataclass
@@ -253,27 +284,36 @@ class GradientStabilizer:
             optimizer: the optimizer ``scaler`` unscales; defaults to ``params`` when that is an
                 optimizer.
         """
-        entries, all_keys = _resolve(params)
-        distributed.refuse_fsdp1((e.label, e.param) for e in entries)
+        everything = _resolve(params)
+        distributed.refuse_fsdp1((everything.label(i), p) for i, p in enumerate(everything.tensors))
         found_inf = self._combined_found_inf(params, found_inf, scaler, optimizer)
-        with_grad = [e for e in entries if e.param.grad is not None]
-        for e in with_grad:
-            _check_grad(e)
-        self._check_pending(all_keys, with_grad)
+        grads = [p.grad for p in everything.tensors]
+        present = [i for i, g in enumerate(grads) if g is not None]
+        with_grad = everything
+        if len(present) < len(grads):
+            with_grad = everything.select(present)
+            grads = [grads[i] for i in present]
+        sharded = _check_grads(grads, with_grad)
+        self._check_pending(everything.keys, with_grad)
         self._finalize_stats()
 
-        if not with_grad:
+        if not grads:
             return StabilizerStats([], self.config(), torch.device("cpu"))
         if self.granularity == "global":
-            parts = [self._apply_global(with_grad, found_inf)]
+            parts = [self._apply_global(grads, with_grad, found_inf)]
         else:
-            by_device: dict[torch.device, list[_Entry]] = {}
-            for e in with_grad:
-                by_device.setdefault(e.param.grad.device, []).append(e)
+            by_device = _by_device(grads)
             if self.nonfinite == "raise" and len(by_device) > 1:
-                self._precheck_finite(with_grad, found_inf)
-            parts = [self._apply_param(d, group, found_inf) for d, group in by_device.items()]
-        device = with_grad[0].param.grad.device
+                self._precheck_finite(grads, with_grad, found_inf)
+            parts = [
+                self._apply_param(device, grads, with_grad, found_inf, sharded)
+                if idx is None
+                else self._apply_param(
+                    device, [grads[i] for i in idx], with_grad.select(idx), found_inf, sharded
+                )
+                for device, idx in by_device
+            ]
+        device = grads[0].device
         self._last_device = device
         stats = StabilizerStats(parts, self.config(), device)
         self._last_stats = weakref.ref(stats)
@@ -415,9 +455,12 @@ class GradientStabilizer:
             return scaler_inf
         return found_inf.reshape(()).float() + scaler_inf.to(found_inf.device).reshape(())
 
-    def _check_pending(self, all_keys: set[Key], with_grad: list[_Entry]) -> None:
+    def _check_pending(self, all_keys: Collection[Key], with_grad: _Params) -> None:
+        """With a strictly loaded state dict pending: every key it holds is among ``all_keys``
+        (the parameters given) and every parameter with a gradient has state in it."""
         if not self._pending_strict:
             return
+        all_keys = set(all_keys)
         unknown = [key for key in self._pending if key not in all_keys]
         if unknown:
             raise RuntimeError(
@@ -428,7 +471,11 @@ class GradientStabilizer:
                 "apply() got a module?); load_state_dict(sd, strict=False) ignores this"
             )
         if self._pending:
-            missing = [e.label for e in with_grad if e.key not in self._pending]
+            missing = [
+                with_grad.label(i)
+                for i, key in enumerate(with_grad.keys)
+                if key not in self._pending
+            ]
             if missing:
                 raise RuntimeError(
                     f"gradstab: parameter(s) {', '.join(missing[:10])} have "
@@ -437,37 +484,45 @@ class GradientStabilizer:
                 )
         self._pending_strict = False
 
-    def _precheck_finite(self, with_grad: list[_Entry], found_inf: Tensor | None) -> None:
+    def _precheck_finite(
+        self, grads: list[Tensor], with_grad: _Params, found_inf: Tensor | None
+    ) -> None:
         """For ``nonfinite="raise"`` over several devices: raise before any device changes."""
         if found_inf is not None and bool(found_inf.reshape(()) > 0):
             return
-        grads = [e.param.grad for e in with_grad]
         norms = _torch_backend.grad_norms(grads, grads[0].device)
         bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
         if bad:
-            raise _torch_backend.nonfinite_error(bad, [e.label for e in with_grad])
+            raise _torch_backend.nonfinite_error(bad, with_grad.labels())
 
     def _run(
         self,
         grads: list[Tensor],
         state: F.StabilizerState,
         found_inf: Tensor | None,
-        labels: list[str],
+        params: _Params,
+        local_on_state_device: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """The norms, and the found_inf the step obeyed (under FSDP2: agreed by all ranks)."""
+        """The norms, and the found_inf the step obeyed (under FSDP2: agreed by all ranks).
+        ``local_on_state_device``: the caller knows that ``grads`` are plain tensors on the
+        state's device, so backend "auto" need not check each one again."""
         if found_inf is not None:
             found_inf = found_inf.to(state.m.device)
+        kwargs = self._step_kwargs()
+        if kwargs["backend"] == "auto" and local_on_state_device:
+            kwargs["backend"] = "compiled" if _ops.has_kernel(state.m.device.type) else "torch"
         try:
-            return F._stabilize(grads, state, found_inf=found_inf, **self._step_kwargs())
+            return F._stabilize(grads, state, found_inf=found_inf, **kwargs)
         except FloatingPointError as err:
             bad = [int(i) for i in re.findall(r"grads\[(\d+)\]", str(err))]
-            raise _torch_backend.nonfinite_error(bad, labels) from None
+            raise _torch_backend.nonfinite_error(bad, params.labels()) from None
 
-    def _apply_global(self, with_grad: list[_Entry], found_inf: Tensor | None) -> _StatsPart:
-        grads = [e.param.grad for e in with_grad]
+    def _apply_global(
+        self, grads: list[Tensor], with_grad: _Params, found_inf: Tensor | None
+    ) -> _StatsPart:
         device = grads[0].device
         state = self._global_state(device)
-        norms, found_inf = self._run(grads, state, found_inf, [e.label for e in with_grad])
+        norms, found_inf = self._run(grads, state, found_inf, with_grad)
         return _StatsPart(norms, state.m, state.v, state.k, _on(found_inf, device), True)
 
     def _global_state(self, device: torch.device) -> F.StabilizerState:
@@ -483,28 +538,34 @@ class GradientStabilizer:
         return self._global
 
     def _apply_param(
-        self, device: torch.device, entries: list[_Entry], found_inf: Tensor | None
+        self,
+        device: torch.device,
+        grads: list[Tensor],
+        params: _Params,
+        found_inf: Tensor | None,
+        sharded: bool,
     ) -> _StatsPart:
-        grads = [e.param.grad for e in entries]
-        labels = [e.label for e in entries]
         (norms, found_inf), state = self._with_param_state(
-            device, entries, lambda state: self._run(grads, state, found_inf, labels)
+            device,
+            params.keys,
+            lambda state: self._run(grads, state, found_inf, params, not sharded),
         )
         return _StatsPart(norms, state.m, state.v, state.k, _on(found_inf, device), False)
 
     def _with_param_state(
         self,
         device: torch.device,
-        entries: list[_Entry],
+        keys: list[Key],
         run: Callable[[F.StabilizerState], _Result],
     ) -> tuple[_Result, F.StabilizerState]:
-        """Calls ``run`` on the state of ``entries`` (one entry each, in their order, on
+        """Calls ``run`` on the state of ``keys`` (one entry each, in their order, on
         ``device``), keeps what it writes there, and returns its result and that state."""
-        keys = [e.key for e in entries]
-        group = self._groups.get(device)
-        if group is None or any(key not in group.position for key in keys):
-            group = self._rebuild(device, keys)
         n = len(keys)
+        group = self._groups.get(device)
+        if group is None or (
+            group.keys[:n] != keys and any(key not in group.position for key in keys)
+        ):
+            group = self._rebuild(device, keys)
         if group.keys[:n] == keys:
             # Steady state: the state of exactly these gradients is a prefix of the flat tensors.
             state = F.StabilizerState(group.m[:n], group.v[:n], group.k[:n])
@@ -593,21 +654,58 @@ def _check_grad(e: _Entry) -> None:
         distributed.check_placements(g, e.label)
 
 
-def _resolve(params: ParamsLike) -> tuple[list[_Entry], set[Key]]:
-    """The parameters of ``params`` with their state keys and labels, and the set of all keys."""
+_layout = operator.attrgetter("layout")
+_dtype = operator.attrgetter("dtype")
+_SUPPORTED_DTYPES = set(_torch_backend.SUPPORTED_DTYPES)
+_is_cpu = operator.attrgetter("is_cpu")
+_is_cuda = operator.attrgetter("is_cuda")
+
+
+def _check_grads(grads: list[Tensor], params: _Params) -> bool:
+    """``_check_grad`` for every gradient, at C speed where they are all fine (nearly always);
+    returns whether any is a ``DTensor``."""
+    sharded = distributed.has_dtensor(grads)
+    if (
+        not sharded
+        and set(map(_layout, grads)) <= {torch.strided}
+        and set(map(_dtype, grads)) <= _SUPPORTED_DTYPES
+    ):
+        return False
+    for i, p in enumerate(params.tensors):
+        _check_grad(_Entry(params.keys[i], params.label(i), p))
+    return sharded
+
+
+def _by_device(grads: list[Tensor]) -> list[tuple[torch.device, list[int] | None]]:
+    """The devices of ``grads``, each with the positions of its gradients (None: all of them);
+    without a ``torch.device`` per gradient when they share one (0.2 us each)."""
+    if all(map(_is_cpu, grads)) or (
+        all(map(_is_cuda, grads)) and len(set(map(Tensor.get_device, grads))) == 1
+    ):
+        return [(grads[0].device, None)]
+    positions: dict[torch.device, list[int]] = {}
+    for i, g in enumerate(grads):
+        positions.setdefault(g.device, []).append(i)
+    return list(positions.items())
+
+
+def _resolve(params: ParamsLike) -> _Params:
+    """The parameters of ``params`` with their state keys, refusing a tensor given twice."""
     if isinstance(params, nn.Module):
-        params = _unwrap_compiled(params)
-        entries = [_Entry(name, repr(name), p) for name, p in params.named_parameters()]
+        named = list(_unwrap_compiled(params).named_parameters())
+        keys: list[Key] = [name for name, _ in named]
+        resolved = _Params(keys, [p for _, p in named], lambda i: repr(keys[i]))
     elif isinstance(params, torch.optim.Optimizer):
-        entries = _from_groups(params.param_groups)
+        resolved = _from_groups(params.param_groups)
     elif isinstance(params, Tensor):
-        entries = [_Entry(0, "params[0]", params)]
+        resolved = _Params([0], [params], lambda i: "params[0]")
     elif isinstance(params, Iterable):
         items = list(params)
-        if items and all(isinstance(x, dict) for x in items):
-            entries = _from_groups(items)
-        elif all(isinstance(x, Tensor) for x in items):
-            entries = [_Entry(i, f"params[{i}]", p) for i, p in enumerate(items)]
+        types = set(map(type, items))
+        if items and all(issubclass(t, dict) for t in types):
+            resolved = _from_groups(items)
+        elif all(issubclass(t, Tensor) for t in types):
+            resolved = _Params(list(range(len(items))), items, lambda i: f"params[{i}]")
         else:
             raise TypeError(
                 "gradstab: apply() takes an nn.Module, an Optimizer, or an iterable of tensors or "
@@ -619,15 +717,23 @@ def _resolve(params: ParamsLike) -> tuple[list[_Entry], set[Key]]:
             "gradstab: apply() takes an nn.Module, an Optimizer, or an iterable of tensors or "
             f"param-group dicts, got {type(params).__name__}"
         )
-    seen: dict[int, str] = {}
-    for e in entries:
-        if id(e.param) in seen:
+    if not isinstance(params, nn.Module):  # named_parameters() already drops repeats
+        _refuse_repeats(resolved)
+    return resolved
+
+
+def _refuse_repeats(params: _Params) -> None:
+    ids = list(map(id, params.tensors))
+    if len(set(ids)) == len(ids):
+        return
+    first: dict[int, int] = {}
+    for i, pid in enumerate(ids):
+        if pid in first:
             raise ValueError(
-                f"gradstab: the same tensor appears twice, as {seen[id(e.param)]} and {e.label}; "
-                "its gradient would be stabilized twice"
+                f"gradstab: the same tensor appears twice, as {params.label(first[pid])} "
+                f"and {params.label(i)}; its gradient would be stabilized twice"
             )
-        seen[id(e.param)] = e.label
-    return entries, {e.key for e in entries}
+        first[pid] = i
 
 
 def _unwrap_compiled(module: nn.Module) -> nn.Module:
@@ -640,17 +746,22 @@ def _unwrap_compiled(module: nn.Module) -> nn.Module:
     return module
 
 
-def _from_groups(groups: Sequence[dict]) -> list[_Entry]:
-    entries = []
+def _from_groups(groups: Sequence[dict]) -> _Params:
+    tensors: list[Tensor] = []
+    places: list[tuple[int, int]] = []  # (group, index in group) of each tensor, for labels
     for gi, group in enumerate(groups):
         if "params" not in group:
             raise TypeError(f"gradstab: param group {gi} has no 'params' entry")
         group_params = group["params"]
         group_params = [group_params] if isinstance(group_params, Tensor) else list(group_params)
-        for pi, p in enumerate(group_params):
-            label = f"param_groups[{gi}]['params'][{pi}]"
-            entries.append(_Entry(len(entries), label, p))
-    return entries
+        tensors += group_params
+        places += [(gi, pi) for pi in range(len(group_params))]
+
+    def label(i: int) -> str:
+        gi, pi = places[i]
+        return f"param_groups[{gi}]['params'][{pi}]"
+
+    return _Params(list(range(len(tensors))), tensors, label)
 
 
 def _scaler_found_inf(

@@ -463,3 +463,48 @@ def test_reset_forgets_everything(seed):
     expected, _ = ref.step([p.grad for p in model.parameters()])
     stab.apply(model)
     assert_grads_close([p.grad for p in model.parameters()], expected, torch.float32, "after reset")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_errors_name_the_right_parameter_in_every_form(backend, seed):
+    """Labels are made only on error (for speed): each form of ``params`` must still name the
+    culprit, also when parameters without gradients come before it."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.zeros(3, requires_grad=True) for _ in range(5)]
+
+    def fill() -> None:
+        for t in tensors:
+            t.grad = torch.randn(3, generator=gen)
+        tensors[1].grad = None
+        tensors[4].grad[0] = float("inf")
+
+    forms = [
+        (tensors, r"params\[4\]"),
+        ([{"params": tensors[:2]}, {"params": tensors[2:]}], r"param_groups\[1\]\['params'\]\[2\]"),
+        (
+            torch.optim.SGD([{"params": tensors[:3]}, {"params": tensors[3:]}]),
+            r"\[1\]\['params'\]\[1\]",
+        ),
+    ]
+    for params, label in forms:
+        fill()
+        grads = [None if t.grad is None else t.grad.clone() for t in tensors]
+        stab = gradstab.GradientStabilizer(nonfinite="raise", backend=backend)
+        with pytest.raises(FloatingPointError, match=label) as info:
+            stab.apply(params)
+        assert "params[0]" not in str(info.value) and "[0]['params'][0]" not in str(info.value)
+        for t, g in zip(tensors, grads):
+            if g is None:
+                assert t.grad is None
+            else:
+                torch.testing.assert_close(t.grad, g, rtol=0, atol=0, equal_nan=True)
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[1].bias.grad = torch.ones(2)
+    model[1].weight.grad = torch.ones(2, 2).to_sparse()
+    with pytest.raises(ValueError, match=r"'1.weight'.*sparse"):
+        gradstab.GradientStabilizer(backend=backend).apply(model)
+    with pytest.raises(ValueError, match=r"params\[1\] and params\[3\]"):
+        gradstab.GradientStabilizer(backend=backend).apply(
+            [tensors[0], tensors[2], tensors[3], tensors[2]]
+        )
