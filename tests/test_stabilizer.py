@@ -508,3 +508,34 @@ def test_errors_name_the_right_parameter_in_every_form(backend, seed):
         gradstab.GradientStabilizer(backend=backend).apply(
             [tensors[0], tensors[2], tensors[3], tensors[2]]
         )
+
+
+def test_parameter_walk_equals_named_parameters():
+    """apply() walks a module's parameters itself (for speed); names and order must be those of
+    named_parameters(), with tied parameters and shared submodules once, under the first name."""
+    from gradstab.stabilizer import _named_parameters
+
+    shared = nn.Linear(3, 3)
+    tied = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    tied[1].weight = tied[0].weight
+    parametrized = nn.Linear(3, 3)
+    torch.nn.utils.parametrize.register_parametrization(parametrized, "weight", nn.Identity())
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(2, 2)
+
+        def named_parameters(self, *args, **kwargs):
+            yield from reversed(list(super().named_parameters(*args, **kwargs)))
+
+    modules = [
+        nn.Sequential(shared, nn.ReLU(), shared, nn.Sequential(nn.Linear(3, 2, bias=False))),
+        tied,
+        parametrized,
+        nn.ModuleDict({"x": nn.ParameterList([nn.Parameter(torch.ones(2))] * 3)}),
+        Custom(),
+        nn.Sequential(),
+    ]
+    for module in modules:
+        assert _named_parameters(module) == list(module.named_parameters()), module
