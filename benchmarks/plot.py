@@ -18,6 +18,7 @@ COLORS = {
     "loop": "#c44e52",
     "torch": "#dd8452",
     "compiled": "#4c72b0",
+    "apply": "#8172b3",
     "clip_grad_norm_": "#8c8c8c",
     "floor": "#55a868",
 }

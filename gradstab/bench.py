@@ -372,14 +372,30 @@ def _functional(backend: str) -> Callable[[Workload, torch.device], Callable[[],
     return setup
 
 
-def _clip_setup(workload: Workload, device: torch.device) -> Callable[[], Any]:
-    # clip_grad_norm_ reads `.grad` of parameters: stand-ins that own no memory carry the grads.
+def _grad_holders(workload: Workload) -> list[Tensor]:
+    """Stand-ins for parameters, owning no memory, whose ``.grad`` are the workload's tensors
+    (for what reads the gradients of parameters: clip_grad_norm_, GradientStabilizer.apply)."""
     holders = []
     for g in workload.tensors:
         holder = torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
         holder.grad = g
         holders.append(holder)
+    return holders
+
+
+def _clip_setup(workload: Workload, device: torch.device) -> Callable[[], Any]:
+    holders = _grad_holders(workload)
     return lambda: torch.nn.utils.clip_grad_norm_(holders, CLIP_MAX_NORM, foreach=True)
+
+
+def _apply_setup(workload: Workload, device: torch.device) -> Callable[[], Any]:
+    """What users call: ``GradientStabilizer().apply(params)`` (backend "auto"), whose Python
+    work per parameter (finding the gradients, checks, state keys) adds to the op's."""
+    from gradstab.stabilizer import GradientStabilizer
+
+    holders = _grad_holders(workload)
+    stabilizer = GradientStabilizer(gamma1=GAMMA1, gamma2=GAMMA2, eps=EPS)
+    return lambda: stabilizer.apply(holders)
 
 
 def _compiled_unavailable(device: torch.device) -> str | None:
@@ -397,6 +413,7 @@ register_implementation(Implementation("torch", ("grads",), _functional("torch")
 register_implementation(
     Implementation("compiled", ("grads",), _functional("compiled"), _compiled_unavailable)
 )
+register_implementation(Implementation("apply", ("grads",), _apply_setup))
 register_implementation(Implementation("clip_grad_norm_", ("grads",), _clip_setup))
 
 # ----------------------------------------------------------------------------------------------

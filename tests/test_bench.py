@@ -120,7 +120,7 @@ def test_implementations_do_the_same_work(tiny_preset):
     clipped = math.sqrt(sum(float(g.double().square().sum()) for g in outputs["clip_grad_norm_"]))
     assert total > bench.CLIP_MAX_NORM
     assert clipped == pytest.approx(bench.CLIP_MAX_NORM, rel=1e-5)
-    for name in ("torch", "compiled"):
+    for name in ("torch", "compiled", "apply"):
         if name in outputs:
             for a, b in zip(outputs["loop"], outputs[name]):
                 torch.testing.assert_close(a, b, rtol=3e-6, atol=1e-7)
@@ -132,7 +132,7 @@ def test_main_prints_table_and_writes_csv_and_json(tiny_preset, tmp_path, capsys
     assert bench.main([*argv, "--csv", str(csv_path), "--json", str(json_path)]) == 0
     table = capsys.readouterr().out
     assert "torch " + torch.__version__.split("+")[0] in table
-    expected_rows = ["loop", "torch", "clip_grad_norm_", "floor"]
+    expected_rows = ["loop", "torch", "apply", "clip_grad_norm_", "floor"]
     if _ops.has_kernel("cpu"):
         expected_rows.append("compiled")
     for row in expected_rows:
