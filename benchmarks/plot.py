@@ -26,7 +26,8 @@ COLORS = {
 
 def load(path: Path) -> tuple[list[str], list[str], dict[tuple[str, str], dict[str, str]]]:
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        # Rows without a time over clip_grad_norm_ (the AdamW-step presets) have no place here.
+        rows = [r for r in csv.DictReader(f) if r["vs_clip_grad_norm"]]
     presets = list(dict.fromkeys(r["preset"] for r in rows))
     impls = list(dict.fromkeys(r["implementation"] for r in rows))
     return presets, impls, {(r["preset"], r["implementation"]): r for r in rows}
