@@ -657,8 +657,6 @@ def _check_grad(e: _Entry) -> None:
 _layout = operator.attrgetter("layout")
 _dtype = operator.attrgetter("dtype")
 _SUPPORTED_DTYPES = set(_torch_backend.SUPPORTED_DTYPES)
-_is_cpu = operator.attrgetter("is_cpu")
-_is_cuda = operator.attrgetter("is_cuda")
 
 
 def _check_grads(grads: list[Tensor], params: _Params) -> bool:
@@ -679,9 +677,7 @@ def _check_grads(grads: list[Tensor], params: _Params) -> bool:
 def _by_device(grads: list[Tensor]) -> list[tuple[torch.device, list[int] | None]]:
     """The devices of ``grads``, each with the positions of its gradients (None: all of them);
     without a ``torch.device`` per gradient when they share one (0.2 us each)."""
-    if all(map(_is_cpu, grads)) or (
-        all(map(_is_cuda, grads)) and len(set(map(Tensor.get_device, grads))) == 1
-    ):
+    if F._all_on(grads, grads[0].device):
         return [(grads[0].device, None)]
     positions: dict[torch.device, list[int]] = {}
     for i, g in enumerate(grads):
