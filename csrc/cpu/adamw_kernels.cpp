@@ -16,7 +16,6 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
-#include <cstring>
 #include <type_traits>
 
 #include "kernels.h"
@@ -405,7 +404,7 @@ void adamw(const AdamwRun& run, const AdamwStep& step) {
 // ------------------------------------------------------------------------------------------------
 // Choice of instruction set: the one kernels.h chose.
 
-// Indexed by [isa: generic, avx2, avx512][dtype: float, double, half, bfloat16].
+// Indexed by [kernel_table_row()][kernel_table_column(dtype)] (kernels.h).
 constexpr AdamwFn kAdamwTable[][4] = {
     {&adamw_generic<float>, &adamw_generic<double>, &adamw_generic<c10::Half>,
      &adamw_generic<c10::BFloat16>},
@@ -417,32 +416,12 @@ constexpr AdamwFn kAdamwTable[][4] = {
 #endif
 };
 
-int isa_row() {
-  static const int row = [] {
-    const char* isa = kernel_isa();
-    if (std::strcmp(isa, "avx512") == 0) return 2;
-    if (std::strcmp(isa, "avx2") == 0) return 1;
-    return 0;
-  }();
-  return row;
-}
-
 }  // namespace
 
 AdamwFn adamw_kernel_for(at::ScalarType dtype) {
-  const auto& row = kAdamwTable[isa_row()];
-  switch (dtype) {
-    case at::kFloat:
-      return row[0];
-    case at::kDouble:
-      return row[1];
-    case at::kHalf:
-      return row[2];
-    case at::kBFloat16:
-      return row[3];
-    default:
-      TORCH_CHECK(false, "gradstab: no AdamW kernel for dtype ", dtype);
-  }
+  const int column = kernel_table_column(dtype);
+  TORCH_CHECK(column >= 0, "gradstab: no AdamW kernel for dtype ", dtype);
+  return kAdamwTable[kernel_table_row()][column];
 }
 
 }  // namespace cpu

@@ -299,7 +299,7 @@ Isa chosen_isa() {
   return isa;
 }
 
-// Indexed by [Isa][dtype: float, double, half, bfloat16].
+// Indexed by [kernel_table_row()][kernel_table_column(dtype)].
 constexpr DtypeKernels kKernelTable[][4] = {
     {generic_kernels<float>(), generic_kernels<double>(), generic_kernels<c10::Half>(),
      generic_kernels<c10::BFloat16>()},
@@ -313,20 +313,29 @@ constexpr DtypeKernels kKernelTable[][4] = {
 
 }  // namespace
 
-const DtypeKernels& kernels_for(at::ScalarType dtype) {
-  const auto& row = kKernelTable[chosen_isa()];
+int kernel_table_row() {
+  return chosen_isa();
+}
+
+int kernel_table_column(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat:
-      return row[0];
+      return 0;
     case at::kDouble:
-      return row[1];
+      return 1;
     case at::kHalf:
-      return row[2];
+      return 2;
     case at::kBFloat16:
-      return row[3];
+      return 3;
     default:
-      TORCH_CHECK(false, "gradstab: unsupported dtype ", dtype);
+      return -1;
   }
+}
+
+const DtypeKernels& kernels_for(at::ScalarType dtype) {
+  const int column = kernel_table_column(dtype);
+  TORCH_CHECK(column >= 0, "gradstab: unsupported dtype ", dtype);
+  return kKernelTable[kernel_table_row()][column];
 }
 
 const char* kernel_isa() {

@@ -42,5 +42,11 @@ const DtypeKernels& kernels_for(at::ScalarType dtype);
 // (read once) can lower it, e.g. to compare implementations.
 const char* kernel_isa();
 
+// The row and column of the per-instruction-set, per-dtype tables of kernels (this file's and
+// adamw_kernels.h's): the row of the instruction set above (0 generic, 1 avx2, 2 avx512), the
+// column of float32, float64, float16, bfloat16 (0 to 3), or -1 for any other dtype.
+int kernel_table_row();
+int kernel_table_column(at::ScalarType dtype);
+
 }  // namespace cpu
 }  // namespace gradstab
