@@ -55,7 +55,8 @@ format: setup
 	$(VENV)/bin/clang-format -i $(CLANG_FORMAT_FILES)
 
 # Compiles every CUDA source for sm_80 and sm_90 with the machine's nvcc against the torch headers
-# of .venv (no GPU and no CUDA build of torch needed), and fails on an error or a register spill.
+# of .venv (no GPU and no CUDA build of torch needed), with the nvcc flags of the real build
+# (gradstab/_build.py), and fails on an error or a register spill.
 NVCC ?= /usr/local/cuda/bin/nvcc
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 CUDA_CHECK_DIR := build/cuda-check
@@ -75,16 +76,15 @@ cuda-check: $(VENV)/.deps-installed
 	  'END { exit bad }' > $(CUDA_CHECK_DIR)/ptxas.awk
 	@set -e; torch_inc=$$($(PY) -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))"); \
 	py_inc=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])"); \
+	nvcc_flags=$$($(PY) gradstab/_build.py nvcc-flags); \
 	for src in $(CUDA_SOURCES); do \
 	  log=$(CUDA_CHECK_DIR)/$$(basename $$src).log; \
 	  echo "nvcc $$src (sm_80, sm_90)"; \
-	  $(NVCC) -c $$src -o $(CUDA_CHECK_DIR)/$$(basename $$src).o -std=c++17 -O3 -lineinfo \
+	  $(NVCC) -c $$src -o $(CUDA_CHECK_DIR)/$$(basename $$src).o -std=c++17 $$nvcc_flags \
 	    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -Xptxas -v \
 	    -I$(CUDA_CHECK_DIR)/include $$torch_inc -I$$py_inc --compiler-options -fPIC \
 	    -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1 \
-	    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
-	    -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
-	    --expt-relaxed-constexpr > $$log 2>&1 || { cat $$log; exit 1; }; \
+	    > $$log 2>&1 || { cat $$log; exit 1; }; \
 	  awk -f $(CUDA_CHECK_DIR)/ptxas.awk $$log || { echo "cuda-check: spills in $$src"; exit 1; }; \
 	done; echo "cuda-check: $(words $(CUDA_SOURCES)) CUDA sources compiled for sm_80 and sm_90, no spills"
 

@@ -6,13 +6,26 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST      CUDA architectures to build for (default "8.0;9.0")
 """
 
-import glob
+import importlib.util
 import os
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_build_config():
+    """gradstab/_build.py, loaded by path: importing the package would need torch."""
+    spec = importlib.util.spec_from_file_location(
+        "gradstab_build", os.path.join(ROOT, "gradstab", "_build.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_config = _load_build_config()
 
 
 def _flag(name: str) -> bool:
@@ -35,35 +48,25 @@ def _extension_build():
         )
         return [], {}
 
-    def rel(pattern: str) -> list[str]:
-        return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    # No -std flag: BuildExtension adds the standard the installed torch's headers need (C++20
-    # from torch 2.14 on, whose headers no longer compile as C++17).
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
     use_cuda = (
-        torch.version.cuda is not None
-        and CUDA_HOME is not None
-        and not _flag("GRADSTAB_NO_CUDA")
-        and bool(rel("csrc/cuda/*.cu"))
+        torch.version.cuda is not None and CUDA_HOME is not None and not _flag("GRADSTAB_NO_CUDA")
     )
+    sources = build_config.sources(ROOT, cuda=use_cuda)
+    cxx_flags = build_config.CXX_FLAGS
     if use_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        sources = [s for s in sources if not s.endswith("no_cuda.cpp")] + rel("csrc/cuda/*.cu")
-        sources += rel("csrc/cuda/*.cpp")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build_config.DEFAULT_CUDA_ARCH_LIST)
         ext = CUDAExtension(
             "gradstab._C",
             sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
-            extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": build_config.NVCC_FLAGS},
+            extra_link_args=build_config.LINK_FLAGS,
         )
     else:
         ext = CppExtension(
             "gradstab._C",
             sources,
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=build_config.LINK_FLAGS,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
