@@ -499,7 +499,7 @@ class StabilizedAdamW(torch.optim.Optimizer):
                     eps=group["eps"],
                     maximize=b.maximize,
                 )
-        return norms.float()
+        return norms
 
     # ----------------------------------------------------------------------------------------
     # checkpoints

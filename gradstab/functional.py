@@ -3,7 +3,8 @@
 For each gradient ``g`` (``granularity="param"``) or for all of them at once (``"global"``), one
 step of GradientStabilizer (Huang et al., ICML 2026) is::
 
-    n = ||g||_2                                   (accumulated in float32 or wider)
+    n = ||g||_2                                   (a float64 sum of squares: finite whenever
+                                                   every element is, even past float32's range)
     k += 1
     m = gamma1 * m + (1 - gamma1) * n             first moment of the norm
     v = gamma2 * v + (1 - gamma2) * n^2           second moment of the norm
@@ -189,7 +190,9 @@ def stabilize_(
     summed over ranks in one all-reduce (``gradstab.distributed``; always torch ops).
 
     Returns:
-        float32 tensor ``[len(grads)]`` of the norms before scaling, on the state's device.
+        float64 tensor ``[len(grads)]`` of the norms before scaling, on the state's device: the
+        norms the state update saw (float64 sums of squares: a gradient of finite elements has a
+        finite norm even past float32's 3.4e38, and it is stabilized like any other).
     """
     return _stabilize(
         grads,

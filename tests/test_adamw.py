@@ -511,7 +511,7 @@ def test_op_fake_kernel_shape():
             for a in args
         )
         out = torch.ops.gradstab.stabilized_adamw_(*fake)
-    assert out.shape == (2,) and out.dtype == torch.float32
+    assert out.shape == (2,) and out.dtype == torch.float64
 
 
 @pytest_kernel
