@@ -359,18 +359,19 @@ class StabilizedAdamW(torch.optim.Optimizer):
     ) -> _StatsPart:
         device = bucket.device
         found_inf, grad_scale = _on(found_inf, device), _on(grad_scale, device)
-        if self._use_kernel(device):
+        use_kernel = self._use_kernel(device)
 
-            def run(state: F.StabilizerState) -> Tensor:
-                return self._op(bucket, state, found_inf, grad_scale, False)
-        else:
-
-            def run(state: F.StabilizerState) -> Tensor:
-                return self._torch_step([bucket], state, found_inf, grad_scale, False)
+        def run(state: F.StabilizerState) -> tuple[Tensor, Tensor]:
+            k_before = state.k.clone()
+            if use_kernel:
+                norms = self._op(bucket, state, found_inf, grad_scale, False)
+            else:
+                norms = self._torch_step([bucket], state, found_inf, grad_scale, False)
+            return norms, k_before
 
         keys = [e.key for e in bucket.entries]
-        norms, state = self._stabilizer._with_param_state(device, keys, run)
-        return _stats_part(norms, state, found_inf, False)
+        (norms, k_before), state = self._stabilizer._with_param_state(device, keys, run)
+        return _stats_part(norms, state, k_before, found_inf, False)
 
     def _step_global(
         self, buckets: list[_Bucket], found_inf: Tensor | None, grad_scale: Tensor | None
@@ -378,11 +379,12 @@ class StabilizedAdamW(torch.optim.Optimizer):
         device = buckets[0].device
         state = self._stabilizer._global_state(device)
         found_inf, grad_scale = _on(found_inf, device), _on(grad_scale, device)
+        k_before = state.k.clone()
         if len(buckets) == 1 and self._use_kernel(device):
             norms = self._op(buckets[0], state, found_inf, grad_scale, True)
         else:
             norms = self._torch_step(buckets, state, found_inf, grad_scale, True)
-        return _stats_part(norms, state, found_inf, True)
+        return _stats_part(norms, state, k_before, found_inf, True)
 
     def _op(
         self,
@@ -558,13 +560,16 @@ class StabilizedAdamW(torch.optim.Optimizer):
 
 
 def _stats_part(
-    norms: Tensor, state: F.StabilizerState, found_inf: Tensor | None, global_norm: bool
+    norms: Tensor,
+    state: F.StabilizerState,
+    k_before: Tensor,
+    found_inf: Tensor | None,
+    global_norm: bool,
 ) -> _StatsPart:
     """The figures of a step, computed when read (StabilizerStats), from a copy of the
-    statistics it left (the next step changes them in place)."""
-    return _StatsPart(
-        norms, state.m.clone(), state.v.clone(), state.k.clone(), found_inf, global_norm
-    )
+    statistics it left (the next step changes them in place) and k before it."""
+    m, v, k = state.m.clone(), state.v.clone(), state.k.clone()
+    return _StatsPart(norms, m, v, k, k_before, found_inf, global_norm)
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:

@@ -75,20 +75,35 @@ class _Params:
 class _StatsPart:
     """What one op call leaves behind for the statistics of a step."""
 
-    norms: Tensor  # float32 [T], per-gradient norms before scaling
+    norms: Tensor  # float64 [T], the per-gradient norms the state update saw
     m: Tensor  # the state after the step ([T], or [1] for the global norm)
     v: Tensor
     k: Tensor
+    k_before: Tensor  # k before the step: where k grew, the step counted a valid update
     found_inf: Tensor | None
     global_norm: bool
+
+
+def _l2(values: Tensor) -> Tensor:
+    """The L2 norm of a float64 vector, scaled by its largest entry so that it does not overflow
+    while it is below float64's maximum (the squares of norms past 1.3e154 would)."""
+    if values.numel() == 0:
+        return values.new_zeros(())
+    peak = values.abs().amax()
+    scale = torch.where(torch.isfinite(peak) & (peak > 0), peak, 1.0)
+    return (values / scale).square().sum().sqrt() * scale
 
 
 class StabilizerStats:
     """Figures of one ``GradientStabilizer.apply`` step, computed on first access.
 
+    They describe what the kernels did: which gradients counted a valid update is read from the
+    state (k grew), not recomputed, and the norms are those the state update saw.
+
     Attributes (0-d tensors on the gradients' device; reading them does not synchronize):
-        norm_before: L2 norm of all stabilized gradients together, before the step (float32).
-        norm_after: the same after the step (float32).
+        norm_before: L2 norm of all stabilized gradients together, before the step (float64: a
+            gradient of finite elements can have a norm past float32's 3.4e38).
+        norm_after: the same after the step (float64).
         skipped: number of gradients left unscaled because their norm was not finite (zeroed or
             left alone per ``nonfinite``), or all of them on a step ``found_inf`` skipped (int64).
 
@@ -109,17 +124,18 @@ class StabilizerStats:
 
     def _compute(self) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self._config
-        before_sq = torch.zeros((), dtype=torch.float64, device=self._device)
-        after_sq = torch.zeros((), dtype=torch.float64, device=self._device)
+        before: list[Tensor] = []
+        after: list[Tensor] = []
         skipped = torch.zeros((), dtype=torch.int64, device=self._device)
         for part in self._parts:
             norms = part.norms.double()
-            step_norm = norms.square().sum().sqrt().reshape(1) if part.global_norm else norms
+            step_norm = _l2(norms).reshape(1) if part.global_norm else norms
             skip = torch.zeros((), dtype=torch.bool, device=norms.device)
             if part.found_inf is not None:
                 skip = part.found_inf.to(norms.device).reshape(()) > 0
-            finite = torch.isfinite(step_norm)
-            valid = finite & (step_norm > 0) & ~skip
+            counted = part.k > part.k_before  # the kernel counted a valid update
+            # Not counted, not skipped, not zero: the kernel found the norm non-finite.
+            faulty = ~counted & ~skip & (step_norm != 0)
             target = _torch_backend.target_norm(
                 part.m,
                 part.v,
@@ -129,18 +145,19 @@ class StabilizerStats:
                 cfg["eps"],
                 cfg["bias_correction"],
             )
-            untouched = 0.0 if cfg["nonfinite"] == "zero" else 1.0
-            factor = torch.where(
-                valid,
-                target / step_norm.clamp(min=cfg["eps"]),
-                torch.where(~finite & ~skip, untouched, 1.0),
+            factor = target / step_norm.clamp(min=cfg["eps"])
+            zeroed = faulty if cfg["nonfinite"] == "zero" else torch.zeros_like(faulty)
+            after_norms = torch.where(
+                counted, norms * torch.where(counted, factor, 1.0), torch.where(zeroed, 0.0, norms)
             )
-            count = torch.where(skip | ~finite, 1, 0).expand(norms.shape)
-            before_sq += norms.square().sum().to(self._device)
-            after = torch.where(factor == 0, 0.0, norms * factor)  # inf * 0 would read NaN
-            after_sq += after.square().sum().to(self._device)
-            skipped += count.sum().to(self._device)
-        return before_sq.sqrt().float(), after_sq.sqrt().float(), skipped
+            before.append(norms.to(self._device))
+            after.append(after_norms.to(self._device))
+            left = (skip | faulty).expand(step_norm.shape)
+            skipped += (left.sum() * (len(norms) if part.global_norm else 1)).to(self._device)
+        if not before:
+            zero = torch.zeros((), dtype=torch.float64, device=self._device)
+            return zero, zero.clone(), skipped
+        return _l2(torch.cat(before)), _l2(torch.cat(after)), skipped
 
     @property
     def norm_before(self) -> Tensor:
@@ -522,8 +539,9 @@ class GradientStabilizer:
     ) -> _StatsPart:
         device = grads[0].device
         state = self._global_state(device)
+        k_before = state.k.clone()
         norms, found_inf = self._run(grads, state, found_inf, with_grad)
-        return _StatsPart(norms, state.m, state.v, state.k, _on(found_inf, device), True)
+        return _StatsPart(norms, state.m, state.v, state.k, k_before, _on(found_inf, device), True)
 
     def _global_state(self, device: torch.device) -> F.StabilizerState:
         """The one (m, v, k) of granularity "global", on ``device`` (created, loaded or moved)."""
@@ -545,12 +563,17 @@ class GradientStabilizer:
         found_inf: Tensor | None,
         sharded: bool,
     ) -> _StatsPart:
-        (norms, found_inf), state = self._with_param_state(
-            device,
-            params.keys,
-            lambda state: self._run(grads, state, found_inf, params, not sharded),
+
+        def run(state: F.StabilizerState) -> tuple[tuple[Tensor, Tensor | None], Tensor]:
+            k_before = state.k.clone()
+            return self._run(grads, state, found_inf, params, not sharded), k_before
+
+        ((norms, step_found_inf), k_before), state = self._with_param_state(
+            device, params.keys, run
         )
-        return _StatsPart(norms, state.m, state.v, state.k, _on(found_inf, device), False)
+        return _StatsPart(
+            norms, state.m, state.v, state.k, k_before, _on(step_found_inf, device), False
+        )
 
     def _with_param_state(
         self,
