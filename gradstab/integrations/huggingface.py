@@ -71,8 +71,12 @@ class GradientStabilizerCallback(TrainerCallback, ExportableState):
     # checkpoints: trainer_state.json holds state() of every ExportableState callback
 
     def state(self) -> dict[str, Any]:
+        # "args" rebuild the callback under restore_callback_states_from_checkpoint=True: the
+        # settings chosen by the user (in the constructor or assigned since), as they are now.
+        stabilizer = self.stabilizer
+        chosen = {name: getattr(stabilizer, name) for name in sorted(stabilizer._explicit)}
         return {
-            "args": dict(self._kwargs),
+            "args": {**self._kwargs, **chosen},
             "attributes": {"stabilizer_state": self.stabilizer_state},
         }
 
