@@ -5,7 +5,7 @@
 TORCH_LIBRARY(gradstab, m) {
   // One GradientStabilizer step for a list of gradients on one device (DESIGN.md section 1).
   // m, v: float64 running moments of the norm; k: int64 valid-update counts; one entry per grad,
-  // or a single entry when global_norm. nonfinite: 0 zero, 1 skip, 2 raise. Returns the float32
+  // or a single entry when global_norm. nonfinite: 0 zero, 1 skip, 2 raise. Returns the float64
   // per-grad norms before scaling.
   m.def(
       "stabilize_(Tensor(a!)[] grads, Tensor(b!) m, Tensor(c!) v, Tensor(d!) k, Tensor? found_inf, "
@@ -18,7 +18,7 @@ TORCH_LIBRARY(gradstab, m) {
   // weight_decay and eps hold one entry per group. state_steps: float32 one-element step counts,
   // incremented unless found_inf > 0, in which case nothing changes. max_exp_avg_sqs: one per
   // param with amsgrad, else empty. grad_scale: the loss scale the grads carry (they are divided
-  // by it as they are read). Returns the float32 norms of the grads divided by grad_scale.
+  // by it as they are read). Returns the float64 norms of the grads divided by grad_scale.
   m.def(
       "stabilized_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "

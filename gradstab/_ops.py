@@ -67,7 +67,7 @@ if _C is not None:
         nonfinite: int,
         spike_guard: float | None,
     ) -> Tensor:
-        return m.new_empty((len(grads),), dtype=torch.float32)
+        return m.new_empty((len(grads),), dtype=torch.float64)
 
     @torch.library.register_fake("gradstab::stabilized_adamw_")
     def _stabilized_adamw_fake(
@@ -98,4 +98,4 @@ if _C is not None:
         nonfinite: int,
         spike_guard: float | None,
     ) -> Tensor:
-        return m.new_empty((len(params),), dtype=torch.float32)
+        return m.new_empty((len(params),), dtype=torch.float64)

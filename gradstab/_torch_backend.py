@@ -126,10 +126,46 @@ def _members(grads: list[Tensor], groups: Groups, idx: list[int]) -> list[Tensor
     return grads if len(groups) == 1 else [grads[i] for i in idx]
 
 
-def grad_norms(grads: list[Tensor], device: torch.device, groups: Groups | None = None) -> Tensor:
-    """Per-tensor L2 norms as a float64 ``[T]`` tensor on ``device``.
+# NOTE: [norms beyond float32]
+# The contract's norm is that of the gradient's exact values with a float64 sum of squares, as the
+# compiled kernels take it: finite whenever every element is finite (unless the squares of a
+# float64 gradient add up past 1.8e308). torch reduces a float32 gradient (and a float16/bfloat16
+# one given a float32 accumulator) in float32, whose squares overflow past 1.8e19 and flush to
+# zero below 1e-23: a finite gradient would read Inf (and be zeroed), a tiny one 0 (and be left
+# out of the statistics). On an accelerator, _foreach_norm(dtype=float64) accumulates in float64
+# as it reads the gradient: one pass, no copy. On the CPU that call converts each tensor to a
+# float64 copy first (16x the time of the float32 norm), so the float32 norms come first and only
+# the tensors whose float32 norm is not finite, or so small that subnormal squares may have
+# distorted it (TINY_NORM), are reduced again in float64; reading the norms there costs no sync.
+# An all-zero gradient (a layer that took no part) is exact in float32: one max-abs pass tells it
+# from a tiny one.
+TINY_NORM = 2.0**-40  # above it, flushed squares cost < 2^-30 relative for up to 2^40 elements
 
-    Half-precision gradients are reduced in float32 so that their norm cannot overflow at 65504.
+
+def _redo_in_float64(members: list[Tensor], norms32: Tensor) -> Tensor:
+    """float64 ``[len(members)]`` norms of CPU tensors from their float32-accumulated norms
+    ``norms32`` (float64 holding float32 values): see NOTE: [norms beyond float32]."""
+    suspect = torch.isinf(norms32) | (norms32 <= TINY_NORM)
+    if not bool(suspect.any()):
+        return norms32
+    redo = [i for i in suspect.nonzero().flatten().tolist() if members[i].numel() > 0]
+    zeros = [i for i in redo if norms32[i] == 0]
+    if zeros:
+        peaks = torch._foreach_norm([members[i] for i in zeros], float("inf"))
+        all_zero = {i for i, peak in zip(zeros, peaks) if peak == 0}
+        redo = [i for i in redo if i not in all_zero]
+    if not redo:
+        return norms32
+    exact = torch._foreach_norm([members[i] for i in redo], 2, dtype=torch.float64)
+    norms = norms32.clone()
+    norms[torch.tensor(redo)] = torch.stack(exact)
+    return norms
+
+
+def grad_norms(grads: list[Tensor], device: torch.device, groups: Groups | None = None) -> Tensor:
+    """Per-tensor L2 norms as a float64 ``[T]`` tensor on ``device``: the norms of a float64 sum
+    of squares, whatever the gradients' dtype (see NOTE: [norms beyond float32]).
+
     ``groups``: ``group_grads(grads)``, if the caller has it.
     """
     if not grads:
@@ -138,13 +174,13 @@ def grad_norms(grads: list[Tensor], device: torch.device, groups: Groups | None 
     parts = []
     for (dev, dtype, _), idx in groups.items():
         members = _members(grads, groups, idx)
-        half = dtype in (torch.float16, torch.bfloat16)
-        if half and dev.type == "cpu":
-            norms = _half_norms_cpu(members)
+        if dev.type != "cpu" or dtype == torch.float64:
+            norms = torch.stack(torch._foreach_norm(members, 2, dtype=torch.float64))
+        elif dtype in (torch.float16, torch.bfloat16):
+            norms = _redo_in_float64(members, _half_norms_cpu(members))
         else:
-            acc = torch.float32 if half else None
-            norms = torch.stack(torch._foreach_norm(members, 2, dtype=acc))
-        parts.append(norms.to(device=device, dtype=torch.float64))
+            norms = _redo_in_float64(members, torch.stack(torch._foreach_norm(members)).double())
+        parts.append(norms.to(device=device))
     if len(groups) == 1:
         return parts[0]
     out = torch.empty(len(grads), dtype=torch.float64, device=device)
@@ -279,7 +315,7 @@ def stabilize_(
         grads, groups, norms, skip_step, m, v, k,
         gamma1, gamma2, eps, bias_correction, global_norm, nonfinite, spike_guard,
     )  # fmt: skip
-    return norms.float()
+    return norms
 
 
 def finish_step(

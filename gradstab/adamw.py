@@ -33,6 +33,7 @@ from gradstab.stabilizer import (
     _Entry,
     _Params,
     _StatsPart,
+    records_explicit_arguments,
 )
 
 __all__ = ["StabilizedAdamW"]
@@ -49,6 +50,8 @@ _STABILIZER_ARGS = (
     "spike_guard",
 )
 _FUSED_DEVICES = ("cpu", "cuda")
+# GradientStabilizer's name of a setting that StabilizedAdamW names differently.
+_SETTING_OF = {"stab_eps": "eps"}
 
 
 @dataclass
@@ -133,6 +136,35 @@ def _check_group(group: dict[str, Any], where: str) -> None:
         )
 
 
+def _check_stab_eps(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"gradstab.StabilizedAdamW: stab_eps must be a float, got {type(value).__name__}"
+        )
+    if not 0.0 < value < F.EPS_BOUND:
+        raise ValueError(
+            f"gradstab.StabilizedAdamW: stab_eps must be in (0, {F.EPS_BOUND:g}), got {value!r}"
+        )
+
+
+class _StabilizerSetting:
+    """A setting of ``StabilizedAdamW``'s ``GradientStabilizer``, read and assigned through it
+    (``stab_eps`` is its ``eps``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(obj._stabilizer, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if self.name == "eps":
+            _check_stab_eps(value)
+        setattr(obj._stabilizer, self.name, value)
+
+
 class StabilizedAdamW(torch.optim.Optimizer):
     """AdamW whose gradients are stabilized by GradientStabilizer as the step reads them.
 
@@ -178,6 +210,7 @@ class StabilizedAdamW(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = True
 
+    @records_explicit_arguments
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -205,14 +238,7 @@ class StabilizedAdamW(torch.optim.Optimizer):
             "maximize": maximize,
         }
         _check_group(defaults, "")
-        if isinstance(stab_eps, bool) or not isinstance(stab_eps, (int, float)):
-            raise TypeError(
-                f"gradstab.StabilizedAdamW: stab_eps must be a float, got {type(stab_eps).__name__}"
-            )
-        if not (stab_eps > 0.0 and math.isfinite(stab_eps)):
-            raise ValueError(
-                f"gradstab.StabilizedAdamW: stab_eps must be a finite number > 0, got {stab_eps!r}"
-            )
+        _check_stab_eps(stab_eps)
         self._stabilizer = GradientStabilizer(
             gamma1=gamma1,
             gamma2=gamma2,
@@ -222,6 +248,13 @@ class StabilizedAdamW(torch.optim.Optimizer):
             nonfinite=nonfinite,
             spike_guard=spike_guard,
         )
+        # The stabilizer settings the user chose win over a loaded checkpoint's (as for
+        # GradientStabilizer); the others take the checkpoint's.
+        self._stabilizer._explicit = {
+            _SETTING_OF.get(name, name)
+            for name in self._explicit_arguments
+            if name in _STABILIZER_ARGS
+        }
         # "auto": the compiled op where it has a kernel; "torch": always the torch ops (tests).
         self._backend = "auto"
         self.last_stats: StabilizerStats | None = None
@@ -230,33 +263,15 @@ class StabilizedAdamW(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------
     # configuration
 
-    @property
-    def gamma1(self) -> float:
-        return self._stabilizer.gamma1
-
-    @property
-    def gamma2(self) -> float:
-        return self._stabilizer.gamma2
-
-    @property
-    def stab_eps(self) -> float:
-        return self._stabilizer.eps
-
-    @property
-    def bias_correction(self) -> bool:
-        return self._stabilizer.bias_correction
-
-    @property
-    def granularity(self) -> str:
-        return self._stabilizer.granularity
-
-    @property
-    def nonfinite(self) -> str:
-        return self._stabilizer.nonfinite
-
-    @property
-    def spike_guard(self) -> float | None:
-        return self._stabilizer.spike_guard
+    # The stabilizer's settings: assignable (validated), e.g. ``opt.spike_guard = 10.0``; an
+    # assigned value is kept over a checkpoint's by load_state_dict, as one passed to __init__.
+    gamma1 = _StabilizerSetting("gamma1")
+    gamma2 = _StabilizerSetting("gamma2")
+    stab_eps = _StabilizerSetting("eps")
+    bias_correction = _StabilizerSetting("bias_correction")
+    granularity = _StabilizerSetting("granularity")
+    nonfinite = _StabilizerSetting("nonfinite")
+    spike_guard = _StabilizerSetting("spike_guard")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group (its parameters take the next positions of the stabilizer's state)."""
@@ -285,8 +300,9 @@ class StabilizedAdamW(torch.optim.Optimizer):
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         stab = self._stabilizer
-        entries, group_of, all_keys = self._entries_with_grad()
-        stab._check_pending(all_keys, _Params.of_entries(entries))
+        entries, group_of, everything = self._entries_with_grad()
+        stab._check_pending(everything.keys, _Params.of_entries(entries))
+        stab._bind(everything)
         if not entries:
             self.last_stats = None
             return loss
@@ -302,20 +318,27 @@ class StabilizedAdamW(torch.optim.Optimizer):
         self.last_stats = StabilizerStats(parts, stab.config(), entries[0].param.device)
         return loss
 
-    def _entries_with_grad(self) -> tuple[list[_Entry], list[int], set[int]]:
-        """The parameters with a gradient (keyed by position), their groups, and all keys."""
+    def _entries_with_grad(self) -> tuple[list[_Entry], list[int], _Params]:
+        """The parameters with a gradient (keyed by position), their groups, and all the
+        parameters."""
         entries: list[_Entry] = []
         group_of: list[int] = []
-        position = 0
+        tensors: list[Tensor] = []
+        places: list[tuple[int, int]] = []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    entry = _Entry(position, f"param_groups[{gi}]['params'][{pi}]", p)
+                    entry = _Entry(len(tensors), f"param_groups[{gi}]['params'][{pi}]", p)
                     _check_param(entry)
                     entries.append(entry)
                     group_of.append(gi)
-                position += 1
-        return entries, group_of, set(range(position))
+                tensors.append(p)
+                places.append((gi, pi))
+
+        def label(i: int) -> str:
+            return "param_groups[{}]['params'][{}]".format(*places[i])
+
+        return entries, group_of, _Params(list(range(len(tensors))), tensors, label)
 
     def _buckets(self, entries: list[_Entry], group_of: list[int]) -> list[_Bucket]:
         """Groups the parameters by (device, amsgrad, maximize), creating AdamW state lazily."""
@@ -359,18 +382,19 @@ class StabilizedAdamW(torch.optim.Optimizer):
     ) -> _StatsPart:
         device = bucket.device
         found_inf, grad_scale = _on(found_inf, device), _on(grad_scale, device)
-        if self._use_kernel(device):
+        use_kernel = self._use_kernel(device)
 
-            def run(state: F.StabilizerState) -> Tensor:
-                return self._op(bucket, state, found_inf, grad_scale, False)
-        else:
-
-            def run(state: F.StabilizerState) -> Tensor:
-                return self._torch_step([bucket], state, found_inf, grad_scale, False)
+        def run(state: F.StabilizerState) -> tuple[Tensor, Tensor]:
+            k_before = state.k.clone()
+            if use_kernel:
+                norms = self._op(bucket, state, found_inf, grad_scale, False)
+            else:
+                norms = self._torch_step([bucket], state, found_inf, grad_scale, False)
+            return norms, k_before
 
         keys = [e.key for e in bucket.entries]
-        norms, state = self._stabilizer._with_param_state(device, keys, run)
-        return _stats_part(norms, state, found_inf, False)
+        (norms, k_before), state = self._stabilizer._with_param_state(device, keys, run)
+        return _stats_part(norms, state, k_before, found_inf, False)
 
     def _step_global(
         self, buckets: list[_Bucket], found_inf: Tensor | None, grad_scale: Tensor | None
@@ -378,11 +402,12 @@ class StabilizedAdamW(torch.optim.Optimizer):
         device = buckets[0].device
         state = self._stabilizer._global_state(device)
         found_inf, grad_scale = _on(found_inf, device), _on(grad_scale, device)
+        k_before = state.k.clone()
         if len(buckets) == 1 and self._use_kernel(device):
             norms = self._op(buckets[0], state, found_inf, grad_scale, True)
         else:
             norms = self._torch_step(buckets, state, found_inf, grad_scale, True)
-        return _stats_part(norms, state, found_inf, True)
+        return _stats_part(norms, state, k_before, found_inf, True)
 
     def _op(
         self,
@@ -499,7 +524,7 @@ class StabilizedAdamW(torch.optim.Optimizer):
                     eps=group["eps"],
                     maximize=b.maximize,
                 )
-        return norms.float()
+        return norms
 
     # ----------------------------------------------------------------------------------------
     # checkpoints
@@ -558,13 +583,16 @@ class StabilizedAdamW(torch.optim.Optimizer):
 
 
 def _stats_part(
-    norms: Tensor, state: F.StabilizerState, found_inf: Tensor | None, global_norm: bool
+    norms: Tensor,
+    state: F.StabilizerState,
+    k_before: Tensor,
+    found_inf: Tensor | None,
+    global_norm: bool,
 ) -> _StatsPart:
     """The figures of a step, computed when read (StabilizerStats), from a copy of the
-    statistics it left (the next step changes them in place)."""
-    return _StatsPart(
-        norms, state.m.clone(), state.v.clone(), state.k.clone(), found_inf, global_norm
-    )
+    statistics it left (the next step changes them in place) and k before it."""
+    m, v, k = state.m.clone(), state.v.clone(), state.k.clone()
+    return _StatsPart(norms, m, v, k, k_before, found_inf, global_norm)
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:

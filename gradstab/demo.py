@@ -582,6 +582,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "protection, clip_grad_norm_, GradientStabilizer, GradientStabilizer with spike_guard) "
         "with injected gradient spikes at three gradient scales, and over a learning-rate "
         "sweep; print the results and plot them.",
+        # The metrics' definitions, from this module's docstring: the installed package has no
+        # docs/ folder, so the output points here.
+        epilog=__doc__[__doc__.index("The metrics are defined") : __doc__.index("See docs/")],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--out",
@@ -613,7 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         "\nSpiked runs. Loss: cross-entropy on held-out text (nats/char); the untrained model "
         f"has {results.spiked[cfg.grad_scales[0]]['none'].curve[0]:.3f}, character frequencies "
-        f"alone (unigram) {results.unigram_loss:.3f}. Definitions: docs/demo.md"
+        f"alone (unigram) {results.unigram_loss:.3f}. Definitions: python -m gradstab demo --help"
     )
     print(spike_table(results))
     print(

@@ -8,7 +8,7 @@ this module computes the norm of every whole parameter from its shards.
 
 NOTE: [whole-parameter norms from shards]
 The sum of squares of a tensor is the sum of the sums of squares of disjoint pieces of it. Each
-rank reduces its local shards (``torch._foreach_norm``, float32 accumulation for half types) to a
+rank reduces its local shards (``_torch_backend.grad_norms``: float64 sums of squares) to a
 float64 vector ``s`` of per-tensor sums of squares, and ``s`` is summed over the process groups
 of the mesh dimensions where a tensor is *sharded*: one ``all_reduce`` per such group, over all
 the tensors sharded across it, not one per tensor. Mesh dimensions where a tensor is replicated
@@ -128,24 +128,9 @@ def _reduce_groups(grad: Tensor, label: str) -> tuple:
 
 
 def _local_sq_norms(local: list[Tensor], device: torch.device) -> Tensor:
-    """float64 ``[T]`` sums of squares of ``local`` on ``device``.
-
-    One ``_foreach_norm`` (float32 accumulation for half types), one stack and one conversion
-    per (device, dtype) group of tensors, rather than one conversion per tensor (T small kernels
-    on a GPU).
-    """
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(local):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    out = torch.zeros(len(local), dtype=torch.float64, device=device)
-    for (_, dtype), idx in groups.items():
-        accumulate = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
-        norms = torch._foreach_norm([local[i] for i in idx], 2, dtype=accumulate)
-        norms = torch.stack(norms).to(device=device, dtype=torch.float64)
-        if len(idx) == len(local):
-            return norms.square()
-        out.index_copy_(0, torch.tensor(idx, device=device), norms)
-    return out.square()
+    """float64 ``[T]`` sums of squares of ``local`` on ``device`` (as the torch backend takes
+    them: see NOTE: [norms beyond float32] in gradstab/_torch_backend.py)."""
+    return _torch_backend.grad_norms(local, device).square()
 
 
 def whole_sq_norms(
@@ -211,7 +196,7 @@ def stabilize_(
     whole on every rank.
 
     Returns:
-        ``(norms, found_inf)``: the float32 ``[T]`` norms of the whole gradients before scaling,
+        ``(norms, found_inf)``: the float64 ``[T]`` norms of the whole gradients before scaling,
         and the found_inf flag this step obeyed (> 0 if any rank sharing the gradients passed
         ``found_inf > 0``; None if none was passed).
     """
@@ -228,4 +213,4 @@ def stabilize_(
         local, _torch_backend.group_grads(local), norms, skip_step, m, v, k,
         gamma1, gamma2, eps, bias_correction, global_norm, nonfinite, spike_guard,
     )  # fmt: skip
-    return norms.float(), found
+    return norms, found

@@ -3,7 +3,8 @@
 For each gradient ``g`` (``granularity="param"``) or for all of them at once (``"global"``), one
 step of GradientStabilizer (Huang et al., ICML 2026) is::
 
-    n = ||g||_2                                   (accumulated in float32 or wider)
+    n = ||g||_2                                   (a float64 sum of squares: finite whenever
+                                                   every element is, even past float32's range)
     k += 1
     m = gamma1 * m + (1 - gamma1) * n             first moment of the norm
     v = gamma2 * v + (1 - gamma2) * n^2           second moment of the norm
@@ -30,6 +31,9 @@ from gradstab import _ops, _torch_backend, distributed
 GRANULARITIES = ("param", "global")
 NONFINITE_POLICIES = {"zero": 0, "skip": 1, "raise": 2}
 BACKENDS = ("auto", "compiled", "torch")
+# eps guards the division against a zero norm and is meant to be far below every gradient's
+# norm: at 1 or more it would dominate sqrt(v_hat) and change the transform (docs/design.md).
+EPS_BOUND = 1.0
 
 __all__ = ["StabilizerState", "init_state", "stabilize_", "validate_config"]
 
@@ -55,7 +59,10 @@ def validate_config(
     nonfinite: str,
     spike_guard: float | None,
 ) -> None:
-    """Raises ``ValueError`` (``TypeError`` for a wrong type) naming the first bad argument."""
+    """Raises ``ValueError`` (``TypeError`` for a wrong type) naming the first bad argument.
+
+    The ranges: gamma1 and gamma2 in [0, 1), eps in (0, 1), spike_guard > 0 and finite, or None.
+    """
     for name, value in (("gamma1", gamma1), ("gamma2", gamma2)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"gradstab: {name} must be a float, got {type(value).__name__}")
@@ -63,8 +70,8 @@ def validate_config(
             raise ValueError(f"gradstab: {name} must be in [0, 1), got {value!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"gradstab: eps must be a float, got {type(eps).__name__}")
-    if not (eps > 0.0 and eps != float("inf")):
-        raise ValueError(f"gradstab: eps must be a finite number > 0, got {eps!r}")
+    if not 0.0 < eps < EPS_BOUND:
+        raise ValueError(f"gradstab: eps must be in (0, {EPS_BOUND:g}), got {eps!r}")
     if not isinstance(bias_correction, bool):
         raise TypeError(
             f"gradstab: bias_correction must be a bool, got {type(bias_correction).__name__}"
@@ -167,7 +174,7 @@ def stabilize_(
         state: ``init_state(grads, granularity)``; its m, v, k are updated in place.
         gamma1: decay of the first moment m of the norm. Default 0.6.
         gamma2: decay of the second moment v of the norm. Default 0.999.
-        eps: added to sqrt(v_hat), and the floor of n in the division. Default 1e-12.
+        eps: added to sqrt(v_hat), and the floor of n in the division; in (0, 1). Default 1e-12.
         bias_correction: divide m and v by (1 - gamma^k). Default True.
         granularity: ``"param"`` (one norm per gradient, the paper's default) or ``"global"``
             (one norm over all gradients, like ``clip_grad_norm_``). Default ``"param"``.
@@ -189,7 +196,9 @@ def stabilize_(
     summed over ranks in one all-reduce (``gradstab.distributed``; always torch ops).
 
     Returns:
-        float32 tensor ``[len(grads)]`` of the norms before scaling, on the state's device.
+        float64 tensor ``[len(grads)]`` of the norms before scaling, on the state's device: the
+        norms the state update saw (float64 sums of squares: a gradient of finite elements has a
+        finite norm even past float32's 3.4e38, and it is stabilized like any other).
     """
     return _stabilize(
         grads,

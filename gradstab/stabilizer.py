@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import itertools
 import operator
 import re
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -15,6 +19,8 @@ from torch import Tensor, nn
 
 from gradstab import _ops, _torch_backend, distributed
 from gradstab import functional as F
+from gradstab._bindings import Bindings
+from gradstab._warn import user_stacklevel
 
 Key = str | int
 _Result = TypeVar("_Result")
@@ -52,6 +58,14 @@ class _Params:
         self.keys = keys
         self.tensors = tensors
         self.label = label
+        self._ids: list[int] | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        """``id`` of each tensor (computed once)."""
+        if self._ids is None:
+            self._ids = list(map(id, self.tensors))
+        return self._ids
 
     def labels(self) -> list[str]:
         return [self.label(i) for i in range(len(self.keys))]
@@ -75,20 +89,35 @@ class _Params:
 class _StatsPart:
     """What one op call leaves behind for the statistics of a step."""
 
-    norms: Tensor  # float32 [T], per-gradient norms before scaling
+    norms: Tensor  # float64 [T], the per-gradient norms the state update saw
     m: Tensor  # the state after the step ([T], or [1] for the global norm)
     v: Tensor
     k: Tensor
+    k_before: Tensor  # k before the step: where k grew, the step counted a valid update
     found_inf: Tensor | None
     global_norm: bool
+
+
+def _l2(values: Tensor) -> Tensor:
+    """The L2 norm of a float64 vector, scaled by its largest entry so that it does not overflow
+    while it is below float64's maximum (the squares of norms past 1.3e154 would)."""
+    if values.numel() == 0:
+        return values.new_zeros(())
+    peak = values.abs().amax()
+    scale = torch.where(torch.isfinite(peak) & (peak > 0), peak, 1.0)
+    return (values / scale).square().sum().sqrt() * scale
 
 
 class StabilizerStats:
     """Figures of one ``GradientStabilizer.apply`` step, computed on first access.
 
+    They describe what the kernels did: which gradients counted a valid update is read from the
+    state (k grew), not recomputed, and the norms are those the state update saw.
+
     Attributes (0-d tensors on the gradients' device; reading them does not synchronize):
-        norm_before: L2 norm of all stabilized gradients together, before the step (float32).
-        norm_after: the same after the step (float32).
+        norm_before: L2 norm of all stabilized gradients together, before the step (float64: a
+            gradient of finite elements can have a norm past float32's 3.4e38).
+        norm_after: the same after the step (float64).
         skipped: number of gradients left unscaled because their norm was not finite (zeroed or
             left alone per ``nonfinite``), or all of them on a step ``found_inf`` skipped (int64).
 
@@ -109,17 +138,18 @@ class StabilizerStats:
 
     def _compute(self) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self._config
-        before_sq = torch.zeros((), dtype=torch.float64, device=self._device)
-        after_sq = torch.zeros((), dtype=torch.float64, device=self._device)
+        before: list[Tensor] = []
+        after: list[Tensor] = []
         skipped = torch.zeros((), dtype=torch.int64, device=self._device)
         for part in self._parts:
             norms = part.norms.double()
-            step_norm = norms.square().sum().sqrt().reshape(1) if part.global_norm else norms
+            step_norm = _l2(norms).reshape(1) if part.global_norm else norms
             skip = torch.zeros((), dtype=torch.bool, device=norms.device)
             if part.found_inf is not None:
                 skip = part.found_inf.to(norms.device).reshape(()) > 0
-            finite = torch.isfinite(step_norm)
-            valid = finite & (step_norm > 0) & ~skip
+            counted = part.k > part.k_before  # the kernel counted a valid update
+            # Not counted, not skipped, not zero: the kernel found the norm non-finite.
+            faulty = ~counted & ~skip & (step_norm != 0)
             target = _torch_backend.target_norm(
                 part.m,
                 part.v,
@@ -129,18 +159,19 @@ class StabilizerStats:
                 cfg["eps"],
                 cfg["bias_correction"],
             )
-            untouched = 0.0 if cfg["nonfinite"] == "zero" else 1.0
-            factor = torch.where(
-                valid,
-                target / step_norm.clamp(min=cfg["eps"]),
-                torch.where(~finite & ~skip, untouched, 1.0),
+            factor = target / step_norm.clamp(min=cfg["eps"])
+            zeroed = faulty if cfg["nonfinite"] == "zero" else torch.zeros_like(faulty)
+            after_norms = torch.where(
+                counted, norms * torch.where(counted, factor, 1.0), torch.where(zeroed, 0.0, norms)
             )
-            count = torch.where(skip | ~finite, 1, 0).expand(norms.shape)
-            before_sq += norms.square().sum().to(self._device)
-            after = torch.where(factor == 0, 0.0, norms * factor)  # inf * 0 would read NaN
-            after_sq += after.square().sum().to(self._device)
-            skipped += count.sum().to(self._device)
-        return before_sq.sqrt().float(), after_sq.sqrt().float(), skipped
+            before.append(norms.to(self._device))
+            after.append(after_norms.to(self._device))
+            left = (skip | faulty).expand(step_norm.shape)
+            skipped += (left.sum() * (len(norms) if part.global_norm else 1)).to(self._device)
+        if not before:
+            zero = torch.zeros((), dtype=torch.float64, device=self._device)
+            return zero, zero.clone(), skipped
+        return _l2(torch.cat(before)), _l2(torch.cat(after)), skipped
 
     @property
     def norm_before(self) -> Tensor:
@@ -182,6 +213,71 @@ def _check_key(key: Any) -> Key:
     return key
 
 
+def records_explicit_arguments(init: Callable[..., None]) -> Callable[..., None]:
+    """Decorates an ``__init__`` so that ``self._explicit_arguments`` holds, before it runs, the
+    names of the arguments the caller passed (by position or keyword): the settings a user chose,
+    which win over those of a loaded checkpoint. The signature stays ``init``'s."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        self._explicit_arguments = set(signature.bind(self, *args, **kwargs).arguments) - {"self"}
+        init(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _check_state_values(keys: list[Key], m: Tensor, v: Tensor, k: Tensor) -> None:
+    """Refuses, naming the first such key, state that no run of GradientStabilizer can reach:
+    k < 0, m or v not finite or negative, or m or v nonzero where k = 0 (no valid update yet)."""
+    checks = (
+        (k < 0, "a negative update count k"),
+        (~torch.isfinite(m) | (m < 0), "a first moment m that is negative or not finite"),
+        (~torch.isfinite(v) | (v < 0), "a second moment v that is negative or not finite"),
+        ((k == 0) & ((m != 0) | (v != 0)), "m or v nonzero while k = 0"),
+    )
+    for bad, what in checks:
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(
+                f"gradstab: state_dict holds {what} for {keys[i]!r} (k={int(k[i])}, "
+                f"m={float(m[i])!r}, v={float(v[i])!r}){_count_others(int(bad.sum()) - 1)}; "
+                "the checkpoint is damaged or was edited, and nothing was loaded"
+            )
+
+
+def _count_others(n: int) -> str:
+    return f" and {n} other key(s)" if n else ""
+
+
+class _Setting:
+    """A configuration field of ``GradientStabilizer``: validated when assigned, and, once
+    assigned by the user, kept when a checkpoint is loaded (see ``load_state_dict``)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return obj._settings[self.name]
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj._configure({self.name: value})
+        obj._explicit.add(self.name)
+
+
+def _normalized(config: dict[str, Any]) -> dict[str, Any]:
+    """A validated configuration with its numbers as floats."""
+    F.validate_config(**config)
+    out = dict(config)
+    for name in ("gamma1", "gamma2", "eps"):
+        out[name] = float(out[name])
+    if out["spike_guard"] is not None:
+        out["spike_guard"] = float(out["spike_guard"])
+    return out
+
+
 class GradientStabilizer:
     """GradientStabilizer (Huang et al., ICML 2026): fix each gradient's norm, keep its direction.
 
@@ -193,20 +289,35 @@ class GradientStabilizer:
     Args:
         gamma1: decay of the first moment m of the norm. Default 0.6.
         gamma2: decay of the second moment v of the norm. Default 0.999.
-        eps: added to sqrt(v_hat), and the floor of n in the division. Default 1e-12.
+        eps: added to sqrt(v_hat), and the floor of n in the division; in (0, 1). Default 1e-12.
         bias_correction: divide m and v by (1 - gamma^k). Default True.
         granularity: ``"param"`` (default): one norm and one (m, v, k) per parameter;
             ``"global"``: one norm over all gradients, like ``clip_grad_norm_``.
         nonfinite: a gradient whose norm is NaN or Inf is set to zero (``"zero"``, default), left
             alone (``"skip"``), or raises ``FloatingPointError`` before anything changes
-            (``"raise"``, which synchronizes with the device).
+            (``"raise"``, which synchronizes with the device). A gradient of finite elements
+            has a finite norm, however large (the norms are float64 sums of squares).
         spike_guard: ``None`` (default, the paper's transform) or G > 0: once k > 0 the statistics
             are fed ``min(n, G * sqrt(v_hat_prev))`` so one huge spike cannot inflate v for the
             next ~1/(1 - gamma2) steps.
         backend: ``"auto"`` (default): the compiled kernels where they exist for the gradients'
             device, else torch ops; ``"compiled"``: require the kernels; ``"torch"``: torch ops.
+
+    The seven settings are attributes that can be assigned (validated), e.g.
+    ``stab.spike_guard = 10.0``; ``granularity`` only while no statistics exist. A setting passed
+    to the constructor or assigned is kept when ``load_state_dict`` loads a checkpoint saved with
+    another value (with one warning naming each such setting); the others take the checkpoint's.
     """
 
+    gamma1 = _Setting()
+    gamma2 = _Setting()
+    eps = _Setting()
+    bias_correction = _Setting()
+    granularity = _Setting()
+    nonfinite = _Setting()
+    spike_guard = _Setting()
+
+    @records_explicit_arguments
     def __init__(
         self,
         gamma1: float = 0.6,
@@ -218,18 +329,23 @@ class GradientStabilizer:
         spike_guard: float | None = None,
         backend: str = "auto",
     ) -> None:
-        F.validate_config(gamma1, gamma2, eps, bias_correction, granularity, nonfinite, spike_guard)
+        self._settings = _normalized(
+            {
+                "gamma1": gamma1,
+                "gamma2": gamma2,
+                "eps": eps,
+                "bias_correction": bias_correction,
+                "granularity": granularity,
+                "nonfinite": nonfinite,
+                "spike_guard": spike_guard,
+            }
+        )
         if backend not in F.BACKENDS:
             raise ValueError(f"gradstab: backend must be one of {F.BACKENDS}, got {backend!r}")
         if backend == "compiled" and not _ops.HAS_EXTENSION:
             raise RuntimeError(f"gradstab: backend='compiled' but {_ops.build_info()}")
-        self.gamma1 = float(gamma1)
-        self.gamma2 = float(gamma2)
-        self.eps = float(eps)
-        self.bias_correction = bias_correction
-        self.granularity = granularity
-        self.nonfinite = nonfinite
-        self.spike_guard = None if spike_guard is None else float(spike_guard)
+        # The settings the user chose (see records_explicit_arguments), kept over a checkpoint's.
+        self._explicit: set[str] = getattr(self, "_explicit_arguments", set()) & set(_CONFIG_KEYS)
         self._backend_choice = backend
         self._last_device: torch.device | None = None
         self._last_stats: weakref.ref[StabilizerStats] | None = None
@@ -250,15 +366,18 @@ class GradientStabilizer:
         return "cpu"
 
     def config(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _CONFIG_KEYS}
+        """The seven settings, by name."""
+        return dict(self._settings)
 
     def reset(self) -> None:
-        """Forgets all statistics, as if no step had been taken."""
+        """Forgets all statistics, as if no step had been taken (the settings stay)."""
         self._finalize_stats()
         self._groups: dict[torch.device, _DeviceState] = {}
         self._global: F.StabilizerState | None = None
         self._pending: dict[Key, tuple[Tensor, Tensor, Tensor]] = {}
+        self._pending_unchecked = False  # a loaded state dict waits for its first apply()
         self._pending_strict = False
+        self._bindings = Bindings()
 
     @torch.no_grad()
     def apply(
@@ -286,15 +405,16 @@ class GradientStabilizer:
         """
         everything = _resolve(params)
         distributed.refuse_fsdp1((everything.label(i), p) for i, p in enumerate(everything.tensors))
-        found_inf = self._combined_found_inf(params, found_inf, scaler, optimizer)
-        grads = [p.grad for p in everything.tensors]
-        present = [i for i, g in enumerate(grads) if g is not None]
+        grads = list(map(_grad, everything.tensors))
         with_grad = everything
-        if len(present) < len(grads):
+        if not all(map(operator.is_not, grads, itertools.repeat(None))):
+            present = [i for i, g in enumerate(grads) if g is not None]
             with_grad = everything.select(present)
             grads = [grads[i] for i in present]
         sharded = _check_grads(grads, with_grad)
         self._check_pending(everything.keys, with_grad)
+        self._bind(everything)
+        found_inf = self._combined_found_inf(params, found_inf, scaler, optimizer)
         self._finalize_stats()
 
         if not grads:
@@ -343,11 +463,22 @@ class GradientStabilizer:
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
-        """Restores statistics and configuration saved by ``state_dict``.
+        """Restores statistics and settings saved by ``state_dict``.
 
-        The state is attached to parameters at the next ``apply``. With ``strict`` (default),
-        that ``apply`` raises if the checkpoint holds state for a parameter the model does not
-        have, or if a parameter with a gradient has none in the checkpoint.
+        Settings: one the user chose (passed to the constructor or assigned, e.g.
+        ``stab.spike_guard = 10.0``) is kept, and where the checkpoint holds another value one
+        ``UserWarning`` names each such setting with both values; the other settings take the
+        checkpoint's values. A ``granularity`` chosen unlike the checkpoint's keeps the choice
+        and starts the statistics fresh (the warning says so): per-parameter and global
+        statistics do not convert.
+
+        The checkpoint is checked before anything changes: its layout, and its values (k an
+        integer >= 0, m and v finite and >= 0, m = v = 0 where k = 0); a bad value is refused
+        naming its key. The state is attached to parameters at the next ``apply``. With
+        ``strict`` (default), that ``apply`` raises if the checkpoint holds state for a
+        parameter the model does not have, or if a parameter with a gradient has none in it.
+        Keys saved through ``DistributedDataParallel`` (``module.``) or ``torch.compile``
+        (``_orig_mod.``) match the bare model's names.
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"gradstab: state_dict must be a dict, got {type(state_dict).__name__}")
@@ -365,8 +496,7 @@ class GradientStabilizer:
         unknown = set(config) - set(_CONFIG_KEYS)
         if unknown:
             raise ValueError(f"gradstab: state_dict config has unknown entries {sorted(unknown)}")
-        merged = {**self.config(), **config}
-        F.validate_config(**merged)
+        saved = _normalized({**self.config(), **config})
         keys = [_check_key(key) for key in state_dict["keys"]]
         m, v, k = state_dict["m"], state_dict["v"], state_dict["k"]
         expected = (("m", m, torch.float64), ("v", v, torch.float64), ("k", k, torch.int64))
@@ -378,25 +508,54 @@ class GradientStabilizer:
                 )
         if len(set(keys)) != len(keys):
             raise ValueError("gradstab: state_dict['keys'] has duplicates")
-        if merged["granularity"] == "global" and keys not in ([], ["<global>"]):
+        if saved["granularity"] == "global" and keys not in ([], ["<global>"]):
             raise ValueError(
                 "gradstab: state_dict has granularity 'global' but per-parameter keys; "
                 "it is not a gradstab checkpoint or it was edited"
             )
-        if merged["granularity"] == "param" and "<global>" in keys:
+        if saved["granularity"] == "param" and "<global>" in keys:
             raise ValueError("gradstab: state_dict has granularity 'param' but a '<global>' entry")
-
-        self.reset()
-        for name in _CONFIG_KEYS:
-            setattr(self, name, merged[name])
         m, v, k = m.detach().cpu().clone(), v.detach().cpu().clone(), k.detach().cpu().clone()
+        _check_state_values(keys, m, v, k)
+
+        kept = {name: self._settings[name] for name in self._explicit}
+        overridden = [name for name in _CONFIG_KEYS if name in kept and kept[name] != saved[name]]
+        fresh = "granularity" in overridden
+        if overridden:
+            warnings.warn(
+                "gradstab: the checkpoint was saved with other settings than the ones chosen for "
+                "this GradientStabilizer; keeping the chosen ones: "
+                + ", ".join(
+                    f"{name}={kept[name]!r} (checkpoint: {saved[name]!r})" for name in overridden
+                )
+                + (
+                    "; the checkpoint's statistics are for another granularity and do not "
+                    "carry over, so they start fresh"
+                    if fresh
+                    else ""
+                ),
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+        self.reset()
+        self._settings = {**saved, **kept}
+        if fresh:
+            return
         self._pending = {key: (m[i], v[i], k[i]) for i, key in enumerate(keys)}
-        self._pending_strict = strict and merged["granularity"] == "param"
+        self._pending_unchecked = True
+        self._pending_strict = strict and saved["granularity"] == "param"
 
     def __getstate__(self) -> dict[str, Any]:
         # The weak reference to the last step's figures cannot be pickled: compute them now.
+        # The bindings (weak references to the parameters) belong to this process's tensors.
         self._finalize_stats()
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        del state["_bindings"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._bindings = Bindings()
 
     def __repr__(self) -> str:
         args = ", ".join(f"{name}={getattr(self, name)!r}" for name in _CONFIG_KEYS)
@@ -455,34 +614,80 @@ class GradientStabilizer:
             return scaler_inf
         return found_inf.reshape(()).float() + scaler_inf.to(found_inf.device).reshape(())
 
+    def _configure(self, changes: dict[str, Any]) -> None:
+        """Validates and applies new values of settings (the attribute setters)."""
+        settings = _normalized({**self._settings, **changes})
+        if settings["granularity"] != self._settings["granularity"] and (
+            self._groups or self._global is not None or self._pending
+        ):
+            raise ValueError(
+                f"gradstab: granularity cannot change from {self._settings['granularity']!r} to "
+                f"{settings['granularity']!r} while statistics exist (per-parameter and global "
+                "statistics do not convert); call reset() first"
+            )
+        self._settings = settings
+
+    def _has_param_state(self, key: Key) -> bool:
+        return key in self._pending or any(key in g.position for g in self._groups.values())
+
+    def _bind(self, params: _Params) -> None:
+        """Refuses keys that now name other tensors than their state was built for (see
+        gradstab/_bindings.py)."""
+        self._bindings.check(
+            params.keys, params.tensors, params.ids, params.label, self._has_param_state
+        )
+
     def _check_pending(self, all_keys: Collection[Key], with_grad: _Params) -> None:
-        """With a strictly loaded state dict pending: every key it holds is among ``all_keys``
-        (the parameters given) and every parameter with a gradient has state in it."""
-        if not self._pending_strict:
+        """At the first step after ``load_state_dict``: renames checkpoint keys saved through a
+        wrapper to the bare names in ``all_keys`` (the parameters given), and with ``strict``
+        checks that every key it holds is among them and that every parameter with a gradient
+        has state in it."""
+        if not self._pending_unchecked:
             return
         all_keys = set(all_keys)
-        unknown = [key for key in self._pending if key not in all_keys]
-        if unknown:
-            raise RuntimeError(
-                "gradstab: the loaded state_dict has state for "
-                f"{', '.join(repr(k) for k in unknown[:10])}"
-                f"{' ...' if len(unknown) > 10 else ''}, which the parameters passed to apply() "
-                "do not have (was it saved from another model, or keyed by position while "
-                "apply() got a module?); load_state_dict(sd, strict=False) ignores this"
-            )
-        if self._pending:
-            missing = [
-                with_grad.label(i)
-                for i, key in enumerate(with_grad.keys)
-                if key not in self._pending
-            ]
-            if missing:
+        self._strip_wrapper_prefixes(all_keys)
+        if self._pending_strict:
+            unknown = [key for key in self._pending if key not in all_keys]
+            if unknown:
                 raise RuntimeError(
-                    f"gradstab: parameter(s) {', '.join(missing[:10])} have "
-                    "gradients but no state in the loaded state_dict; "
-                    "load_state_dict(sd, strict=False) starts them fresh"
+                    "gradstab: the loaded state_dict has state for "
+                    f"{', '.join(repr(k) for k in unknown[:10])}"
+                    f"{' ...' if len(unknown) > 10 else ''}, which the parameters passed to "
+                    "apply() do not have (was it saved from another model, or keyed by position "
+                    "while apply() got a module?); load_state_dict(sd, strict=False) ignores this"
                 )
+            if self._pending:
+                missing = [
+                    with_grad.label(i)
+                    for i, key in enumerate(with_grad.keys)
+                    if key not in self._pending
+                ]
+                if missing:
+                    raise RuntimeError(
+                        f"gradstab: parameter(s) {', '.join(missing[:10])} have "
+                        "gradients but no state in the loaded state_dict; "
+                        "load_state_dict(sd, strict=False) starts them fresh"
+                    )
         self._pending_strict = False
+        self._pending_unchecked = False
+
+    def _strip_wrapper_prefixes(self, all_keys: set[Key]) -> None:
+        """Renames pending keys like ``module.fc.weight`` (saved from a model wrapped in
+        DistributedDataParallel) or ``_orig_mod.fc.weight`` to ``fc.weight`` where that is a
+        parameter given and the bare name has no state of its own."""
+        renames = {}
+        for key in self._pending:
+            if not isinstance(key, str) or key in all_keys:
+                continue
+            bare = key
+            while bare.startswith(_WRAPPER_PREFIXES):
+                bare = bare.split(".", 1)[1]
+            if bare != key and bare in all_keys and bare not in self._pending:
+                renames[key] = bare
+        if len(set(renames.values())) < len(renames):
+            return  # two saved names for one parameter: let the strict check name them
+        for old, new in renames.items():
+            self._pending[new] = self._pending.pop(old)
 
     def _precheck_finite(
         self, grads: list[Tensor], with_grad: _Params, found_inf: Tensor | None
@@ -522,8 +727,9 @@ class GradientStabilizer:
     ) -> _StatsPart:
         device = grads[0].device
         state = self._global_state(device)
+        k_before = state.k.clone()
         norms, found_inf = self._run(grads, state, found_inf, with_grad)
-        return _StatsPart(norms, state.m, state.v, state.k, _on(found_inf, device), True)
+        return _StatsPart(norms, state.m, state.v, state.k, k_before, _on(found_inf, device), True)
 
     def _global_state(self, device: torch.device) -> F.StabilizerState:
         """The one (m, v, k) of granularity "global", on ``device`` (created, loaded or moved)."""
@@ -545,12 +751,17 @@ class GradientStabilizer:
         found_inf: Tensor | None,
         sharded: bool,
     ) -> _StatsPart:
-        (norms, found_inf), state = self._with_param_state(
-            device,
-            params.keys,
-            lambda state: self._run(grads, state, found_inf, params, not sharded),
+
+        def run(state: F.StabilizerState) -> tuple[tuple[Tensor, Tensor | None], Tensor]:
+            k_before = state.k.clone()
+            return self._run(grads, state, found_inf, params, not sharded), k_before
+
+        ((norms, step_found_inf), k_before), state = self._with_param_state(
+            device, params.keys, run
         )
-        return _StatsPart(norms, state.m, state.v, state.k, _on(found_inf, device), False)
+        return _StatsPart(
+            norms, state.m, state.v, state.k, k_before, _on(step_found_inf, device), False
+        )
 
     def _with_param_state(
         self,
@@ -652,26 +863,52 @@ def _check_grad(e: _Entry) -> None:
         )
     if distributed.is_dtensor(g):
         distributed.check_placements(g, e.label)
+        _check_storage(g.to_local(), e.label)
+    else:
+        _check_storage(g, e.label)
 
 
+def _check_storage(g: Tensor, label: str) -> None:
+    """Refuses a gradient without data: on the meta device, or whose storage was freed (its
+    elements would be read from nowhere: torch's own ops crash on it)."""
+    if g.is_meta:
+        raise ValueError(
+            f"gradstab: parameter {label} has a gradient on the meta device, which holds no "
+            "values to stabilize; materialize the model first (model.to_empty(device=...) and "
+            "initialize it) and take real gradients; nothing was changed"
+        )
+    if g.numel() > 0 and g.data_ptr() == 0:
+        raise ValueError(
+            f"gradstab: parameter {label} has a gradient whose storage holds no data (freed or "
+            "never allocated), so it cannot be read; nothing was changed"
+        )
+
+
+_grad = operator.attrgetter("grad")
 _layout = operator.attrgetter("layout")
 _dtype = operator.attrgetter("dtype")
+_data_ptr = Tensor.data_ptr
 _SUPPORTED_DTYPES = set(_torch_backend.SUPPORTED_DTYPES)
 
 
 def _check_grads(grads: list[Tensor], params: _Params) -> bool:
     """``_check_grad`` for every gradient, at C speed where they are all fine (nearly always);
-    returns whether any is a ``DTensor``."""
+    returns whether any is a ``DTensor``. A gradient without data (meta, freed storage) has the
+    data pointer 0, as only an empty tensor may."""
     sharded = distributed.has_dtensor(grads)
     if (
-        not sharded
-        and set(map(_layout, grads)) <= {torch.strided}
-        and set(map(_dtype, grads)) <= _SUPPORTED_DTYPES
+        sharded
+        or not set(map(_layout, grads)) <= {torch.strided}
+        or not set(map(_dtype, grads)) <= _SUPPORTED_DTYPES
     ):
-        return False
-    for i, p in enumerate(params.tensors):
-        _check_grad(_Entry(params.keys[i], params.label(i), p))
-    return sharded
+        for i, p in enumerate(params.tensors):
+            _check_grad(_Entry(params.keys[i], params.label(i), p))
+        return sharded
+    if 0 in map(_data_ptr, grads):  # an empty gradient, or one without data
+        for i, g in enumerate(grads):
+            if g.data_ptr() == 0:
+                _check_storage(g, params.label(i))
+    return False
 
 
 def _by_device(grads: list[Tensor]) -> list[tuple[torch.device, list[int] | None]]:
@@ -688,7 +925,7 @@ def _by_device(grads: list[Tensor]) -> list[tuple[torch.device, list[int] | None
 def _resolve(params: ParamsLike) -> _Params:
     """The parameters of ``params`` with their state keys, refusing a tensor given twice."""
     if isinstance(params, nn.Module):
-        named = _named_parameters(_unwrap_compiled(params))
+        named = _named_parameters(_unwrap(params))
         keys: list[Key] = [name for name, _ in named]
         resolved = _Params(keys, [p for _, p in named], lambda i: repr(keys[i]))
     elif isinstance(params, torch.optim.Optimizer):
@@ -719,7 +956,7 @@ def _resolve(params: ParamsLike) -> _Params:
 
 
 def _refuse_repeats(params: _Params) -> None:
-    ids = list(map(id, params.tensors))
+    ids = params.ids
     if len(set(ids)) == len(ids):
         return
     first: dict[int, int] = {}
@@ -752,14 +989,25 @@ def _named_parameters(module: nn.Module) -> list[tuple[str, Tensor]]:
     return named
 
 
-def _unwrap_compiled(module: nn.Module) -> nn.Module:
-    """The module inside ``torch.compile(module)``, whose parameter names lack "_orig_mod.", so
-    that the state keys (and checkpoints) are the same with and without compilation."""
+# Prefixes a wrapper adds to parameter names: torch.compile's OptimizedModule, and
+# DistributedDataParallel / DataParallel.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+_DATA_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile(module)``, ``DistributedDataParallel(module)`` or
+    ``DataParallel(module)`` (in any nesting), whose parameter names lack ``_orig_mod.`` and
+    ``module.``, so that the state keys (and checkpoints) are the same with and without them."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded once anything compiled
     compiled_type = getattr(eval_frame, "OptimizedModule", None)
-    while compiled_type is not None and isinstance(module, compiled_type):
-        module = module._orig_mod
-    return module
+    while True:
+        if compiled_type is not None and isinstance(module, compiled_type):
+            module = module._orig_mod
+        elif isinstance(module, _DATA_PARALLEL):
+            module = module.module
+        else:
+            return module
 
 
 def _from_groups(groups: Sequence[dict]) -> _Params:

@@ -251,10 +251,11 @@ def test_warns_once_when_lightning_clips():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cb = GradientStabilizerCallback()
+        model = Regression()  # one callback keeps the statistics of one model
         trainer = make_trainer([cb], gradient_clip_val=1.0)
-        trainer.fit(Regression(), loader())
+        trainer.fit(model, loader())
         trainer = make_trainer([cb], gradient_clip_val=1.0)
-        trainer.fit(Regression(), loader())
+        trainer.fit(model, loader())
     ours = [str(w.message) for w in caught if "GradientStabilizerCallback" in str(w.message)]
     assert len(ours) == 1 and "gradient_clip_val" in ours[0], ours
 

@@ -278,11 +278,10 @@ class AdamwStepPlan {
     for (int64_t t = 0; t < num_tensors(); ++t) finish_tensor(t, d);
   }
 
-  // The norms of the gradients over the loss scale, the op's result.
-  void write_norms(float* out) const {
-    for (int64_t t = 0; t < num_tensors(); ++t) {
-      out[t] = static_cast<float>(std::sqrt(sumsq_[t]) * inv_scale_);
-    }
+  // The norms of the gradients over the loss scale, the op's result (float64, as the state
+  // update saw them).
+  void write_norms(double* out) const {
+    for (int64_t t = 0; t < num_tensors(); ++t) out[t] = std::sqrt(sumsq_[t]) * inv_scale_;
   }
 
  private:
@@ -401,8 +400,8 @@ at::Tensor stabilized_adamw_cpu(
   }
   bump_adamw_versions(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, m, v, k);
 
-  at::Tensor norms = at::empty({num_tensors}, m.options().dtype(at::kFloat));
-  plan.write_norms(norms.data_ptr<float>());
+  at::Tensor norms = at::empty({num_tensors}, m.options());
+  plan.write_norms(norms.data_ptr<double>());
   return norms;
 }
 

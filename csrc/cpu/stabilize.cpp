@@ -229,9 +229,11 @@ at::Tensor stabilize_cpu(at::TensorList grads, at::Tensor& m, at::Tensor& v, at:
 
   bump_versions(grads, m, v, k);
 
-  at::Tensor out = at::empty({num_grads}, m.options().dtype(at::kFloat));
-  float* out_data = out.data_ptr<float>();
-  for (int64_t t = 0; t < num_grads; ++t) out_data[t] = static_cast<float>(std::sqrt(sumsq[t]));
+  // The norms the state update saw, in float64: a finite gradient's norm can exceed float32's
+  // range (docs/design.md, "Huge but finite gradients").
+  at::Tensor out = at::empty({num_grads}, m.options());
+  double* out_data = out.data_ptr<double>();
+  for (int64_t t = 0; t < num_grads; ++t) out_data[t] = std::sqrt(sumsq[t]);
   return out;
 }
 

@@ -20,7 +20,10 @@ What the callback does, per Trainer event:
   training logs (one synchronization per log).
 * checkpoints: its statistics are saved in ``trainer_state.json`` of every checkpoint (the
   Trainer's ``ExportableState`` mechanism) and restored on ``train(resume_from_checkpoint=...)``,
-  so a resumed run equals an uninterrupted one.
+  so a resumed run equals an uninterrupted one. The arguments given to the callback win over the
+  checkpoint's settings (one warning names each difference), e.g. to turn ``spike_guard`` on in a
+  resumed run; with ``restore_callback_states_from_checkpoint=True`` transformers rebuilds the
+  callback from the checkpoint's own arguments instead.
 
 The Trainer clips gradients to ``max_grad_norm`` (default 1.0) before the callback runs; clipping
 feeds the statistics clipped norms, so the callback warns once when ``max_grad_norm > 0``.
@@ -33,6 +36,7 @@ from typing import Any
 
 import torch
 
+from gradstab._warn import user_stacklevel
 from gradstab.stabilizer import GradientStabilizer, StabilizerStats
 
 try:
@@ -71,8 +75,12 @@ class GradientStabilizerCallback(TrainerCallback, ExportableState):
     # checkpoints: trainer_state.json holds state() of every ExportableState callback
 
     def state(self) -> dict[str, Any]:
+        # "args" rebuild the callback under restore_callback_states_from_checkpoint=True: the
+        # settings chosen by the user (in the constructor or assigned since), as they are now.
+        stabilizer = self.stabilizer
+        chosen = {name: getattr(stabilizer, name) for name in sorted(stabilizer._explicit)}
         return {
-            "args": dict(self._kwargs),
+            "args": {**self._kwargs, **chosen},
             "attributes": {"stabilizer_state": self.stabilizer_state},
         }
 
@@ -165,7 +173,7 @@ class GradientStabilizerCallback(TrainerCallback, ExportableState):
     def _warn_once(self, topic: str, message: str) -> None:
         if topic not in self._warned:
             self._warned.add(topic)
-            warnings.warn(message, UserWarning, stacklevel=3)
+            warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
 
     def __repr__(self) -> str:
         return f"GradientStabilizerCallback({self.stabilizer!r})"

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from gradstab._warn import user_stacklevel
 from gradstab.optim import StabilizedOptimizer
 from gradstab.stabilizer import GradientStabilizer
 
@@ -107,7 +108,7 @@ class GradientStabilizerCallback(Callback):
     def _warn_once(self, topic: str, message: str) -> None:
         if topic not in self._warned:
             self._warned.add(topic)
-            warnings.warn(message, UserWarning, stacklevel=3)
+            warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
 
     def __repr__(self) -> str:
         return f"GradientStabilizerCallback({self.stabilizer!r})"
