@@ -47,7 +47,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INF_STEP = 3  # the fp16 scenario puts an Inf into one gradient at this step
 
 
-def ds_config(stage: int, dtype: str, accum: int = 1, clipping: float = 0.0) -> dict:
+def ds_config(
+    stage: int, dtype: str, accum: int = 1, clipping: float = 0.0, persistent: bool = False
+) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": dw.BATCH // dist.get_world_size() // accum,
         "gradient_accumulation_steps": accum,
@@ -61,9 +63,9 @@ def ds_config(stage: int, dtype: str, accum: int = 1, clipping: float = 0.0) -> 
         cfg["bf16"] = {"enabled": True}
     if dtype == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 10, "loss_scale_window": 1000}
-    if stage == 3:
-        # gather parameters on every use: the model is tiny, and the default threshold would
-        # keep all of it persistent (whose gradients are still partitioned)
+    if stage == 3 and not persistent:
+        # gather parameters on every use: the model is tiny, and the default threshold keeps
+        # all of it persistent (its gradients are partitioned all the same: scenario train/3p)
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     return cfg
 
@@ -129,6 +131,12 @@ def run_steps(engine, stab, start: int, stop: int, faults: Faults, record: bool,
             engine.backward(loss)
             faults.active = False
             boundary = engine.is_gradient_accumulation_boundary()
+            if record and boundary and step == start:
+                frag = gds.layout.fragments(engine.module, engine.optimizer)
+                entry["layout"] = {
+                    "sharded": frag.sharded,
+                    "numel": sum(t.numel() for t in frag.local),
+                }
             if record and boundary:
                 entry["before"] = whole_grads(engine)
                 entry["loss_scale"] = float(getattr(engine.optimizer, "loss_scale", 1.0))
@@ -147,8 +155,10 @@ def run_steps(engine, stab, start: int, stop: int, faults: Faults, record: bool,
     return steps
 
 
-def run_training(stage: int, dtype: str, accum: int = 1, granularity: str = "param") -> dict:
-    engine = make_engine(stage, dtype, accum=accum)
+def run_training(
+    stage: int, dtype: str, accum: int = 1, granularity: str = "param", persistent: bool = False
+) -> dict:
+    engine = make_engine(stage, dtype, accum=accum, persistent=persistent)
     stab = gradstab.GradientStabilizer(granularity=granularity)
     faults = Faults(engine, float("inf") if dtype == "fp16" else float("nan"))
     steps = run_steps(engine, stab, 0, dw.STEPS, faults, record=True, accum=accum)
@@ -157,6 +167,8 @@ def run_training(stage: int, dtype: str, accum: int = 1, granularity: str = "par
         "weights": whole_weights(engine),
         "state": stab.state_dict(),
         "optimizer": type(engine.optimizer).__name__,
+        "dtype": dtype,
+        "layout": steps[0]["layout"],
         "names": [n for n, _ in engine.module.named_parameters()],
     }
     engine.destroy()
@@ -259,6 +271,7 @@ def main() -> None:
     for stage in STAGES:
         for dtype in ("fp32", "bf16"):
             scenarios[f"train/{stage}/{dtype}"] = lambda s=stage, d=dtype: run_training(s, d)
+    scenarios["train/3p/fp32"] = lambda: run_training(3, "fp32", persistent=True)
     for stage in (0, 2, 3):
         scenarios[f"accum/{stage}"] = lambda s=stage: run_training(s, "fp32", accum=2)
         scenarios[f"fp16/{stage}"] = lambda s=stage: run_training(s, "fp16")
