@@ -261,3 +261,83 @@ def test_nonfinite_raise_raises_on_every_rank(ranks):
             assert torch.equal(e["raise_state_before"][name], e["raise_state_after"][name])
         for before, after in zip(e["raise_grads_before"], e["raise_grads_after"]):
             torch.testing.assert_close(after, before, rtol=0, atol=0, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# HuggingFace Trainer + DeepSpeed (tests/deepspeed_hf_worker.py)
+
+
+@pytest.fixture(scope="module")
+def hf_ranks(tmp_path_factory) -> list[dict]:
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    return launch(ROOT / "tests" / "deepspeed_hf_worker.py", tmp_path_factory.mktemp("ds_hf"))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_hf_trainer_with_deepspeed_equals_single_process(hf_ranks, stage):
+    """transformers.Trainer with a ZeRO-2/ZeRO-3 DeepSpeed config and GradientStabilizerCallback,
+    6 steps with a 1e4 loss spike, every step over the whole data set (16 samples per rank): the
+    weights equal one process with GradientStabilizer + AdamW on all 32 samples (1e-5 relative),
+    every parameter's statistics counted 6 steps, identical on both ranks, and the figures are
+    in the Trainer's logs."""
+    from tests import deepspeed_hf_worker as hw
+
+    single = hw.train_single()
+    for rank, r in enumerate(hf_ranks):
+        run = r[f"zero{stage}"]["straight"]
+        msg = f"zero{stage} rank {rank} ({run['optimizer']})"
+        for name, w in single["weights"].items():
+            _assert_close(run["weights"][name], w, TRAIN_RTOL, f"{msg}, {name}")
+        assert run["state"]["keys"] == single["state"]["keys"], msg
+        assert run["state"]["k"].tolist() == [hw.STEPS] * len(single["state"]["keys"]), msg
+        for name in ("m", "v", "k"):
+            assert torch.equal(run["state"][name], hf_ranks[0][f"zero{stage}"]["straight"]["state"][name])
+        assert [len(batch) for batch in run["seen"]] == [hw.SAMPLES // WORLD] * hw.STEPS, msg
+        logs = run["logs"]
+        assert len(logs) == hw.STEPS and all("gradstab/grad_norm_before" in e for e in logs), logs
+        spike = logs[hw.SPIKE_STEP]
+        assert spike["gradstab/grad_norm_before"] > 1e3 * spike["gradstab/grad_norm_after"], spike
+        assert run["hook_removed"], msg
+    steps = zip(*(r[f"zero{stage}"]["straight"]["seen"] for r in hf_ranks))
+    for step, batches in enumerate(steps):
+        assert len(set(batches[0]) | set(batches[1])) == hw.SAMPLES, f"step {step}"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_hf_trainer_with_deepspeed_resume_is_bit_exact(hf_ranks, stage):
+    """3 steps, the Trainer's checkpoint (DeepSpeed's and trainer_state.json with the
+    callback's statistics), a fresh Trainer resuming to step 6: weights and statistics equal the
+    uninterrupted run bit for bit."""
+    for rank, r in enumerate(hf_ranks):
+        straight, resumed = r[f"zero{stage}"]["straight"], r[f"zero{stage}"]["resumed"]
+        for name, w in straight["weights"].items():
+            assert torch.equal(resumed["weights"][name], w), f"rank {rank}: {name}"
+        for name in ("m", "v", "k"):
+            assert torch.equal(resumed["state"][name], straight["state"][name]), f"rank {rank}"
+
+
+def test_pre_step_hook_wraps_once_and_restores():
+    """The hook the Trainer integration puts on DeepSpeed's optimizer: runs before each step,
+    refuses a second installation, and remove() restores what was there (the class's step, or
+    an instance attribute such as torch's LR schedulers leave)."""
+    from gradstab.integrations.deepspeed import PreStepHook
+
+    p = torch.nn.Parameter(torch.ones(3))
+    for wrapped_before in (False, True):
+        opt = torch.optim.SGD([p], lr=0.1)
+        if wrapped_before:
+            original = opt.step
+            opt.step = lambda *a, **k: original(*a, **k)
+        previous = vars(opt).get("step")
+        calls = []
+        hook = PreStepHook(opt, lambda: calls.append(float(p.grad.sum())))
+        p.grad = torch.ones(3)
+        opt.step()
+        assert calls == [3.0]
+        with pytest.raises(RuntimeError, match="already stabilizes"):
+            PreStepHook(opt, lambda: None)
+        hook.remove()
+        hook.remove()
+        assert vars(opt).get("step") is previous
+        opt.step()
+        assert calls == [3.0]

@@ -53,6 +53,7 @@ __all__ = [
     "install_pre_step_hook",
     "is_engine",
     "stabilize_fragments",
+    "trainer_hook",
 ]
 
 CLIENT_STATE_KEY = "gradstab"
@@ -221,24 +222,32 @@ class PreStepHook:
     """
 
     def __init__(self, optimizer: Any, callback: Callable[[], None]) -> None:
-        if "step" in vars(optimizer):
+        if getattr(optimizer.step, "_gradstab_pre_step", False):
             raise RuntimeError(
-                "gradstab: the DeepSpeed optimizer's step is already wrapped (a second "
-                "GradientStabilizerCallback, or another library); wrap it once"
+                "gradstab: the DeepSpeed optimizer already stabilizes before its step (a second "
+                "GradientStabilizerCallback?); install one"
             )
         self._optimizer = optimizer
+        # An instance attribute already there (torch's LR schedulers wrap step so) is restored
+        # by remove(); otherwise the class's step shows through again.
+        self._previous = vars(optimizer).get("step")
         original = optimizer.step
 
         def step(*args: Any, **kwargs: Any) -> Any:
             callback()
             return original(*args, **kwargs)
 
+        step._gradstab_pre_step = True  # type: ignore[attr-defined]
         optimizer.step = step
 
     def remove(self) -> None:
-        if self._optimizer is not None:
+        if self._optimizer is None:
+            return
+        if self._previous is None:
             vars(self._optimizer).pop("step", None)
-            self._optimizer = None
+        else:
+            self._optimizer.step = self._previous
+        self._optimizer = None
 
 
 def install_pre_step_hook(
@@ -256,3 +265,29 @@ def install_pre_step_hook(
             on_stats(stats)
 
     return PreStepHook(optimizer, before_step)
+
+
+def trainer_hook(
+    stab: Any, model: nn.Module, optimizer: Any, args: Any, on_stats: Callable[[Any], None]
+) -> PreStepHook | None:
+    """For ``GradientStabilizerCallback.on_train_begin``: when the Trainer runs DeepSpeed
+    (``TrainingArguments(deepspeed=...)``), a hook that stabilizes before DeepSpeed's optimizer
+    steps; None otherwise.
+
+    ``model`` and ``optimizer`` are what the Trainer passes to callbacks: its model (the engine's
+    module) and accelerate's ``DeepSpeedOptimizerWrapper`` around the engine's optimizer.
+    """
+    ds_config = getattr(args, "hf_deepspeed_config", None)
+    if ds_config is None:
+        return None
+    ds_optimizer = getattr(optimizer, "optimizer", None)
+    if ds_optimizer is None or model is None:
+        raise DeepSpeedLayoutError(
+            "gradstab: the Trainer runs DeepSpeed but passed the callback no DeepSpeed optimizer "
+            f"(got {type(optimizer).__name__}); is this a transformers/accelerate version "
+            "gradstab does not know?"
+        )
+    if not (args.max_grad_norm is not None and args.max_grad_norm > 0):
+        # (with max_grad_norm > 0 the callback has warned already: it becomes gradient_clipping)
+        warn_if_clipping(ds_optimizer, ds_config.config.get("gradient_clipping"))
+    return install_pre_step_hook(stab, model, ds_optimizer, on_stats)
