@@ -8,6 +8,7 @@ whole gradients (gathered with DeepSpeed's public ``safe_get_full_grad``), or wi
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import socket
@@ -18,7 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'gradstab[deepspeed]')")
+# Not imported here: the workers import DeepSpeed in their own processes.
+if importlib.util.find_spec("deepspeed") is None:
+    pytest.skip(
+        "deepspeed is not installed (pip install 'gradstab[deepspeed]'; make test installs it)",
+        allow_module_level=True,
+    )
 
 from tests import distributed_worker as dw  # noqa: E402
 from tests.conftest import RTOL  # noqa: E402
@@ -269,7 +275,8 @@ def test_nonfinite_raise_raises_on_every_rank(ranks):
 
 @pytest.fixture(scope="module")
 def hf_ranks(tmp_path_factory) -> list[dict]:
-    pytest.importorskip("transformers", reason="transformers is not installed")
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (pip install 'gradstab[hf]')")
     return launch(ROOT / "tests" / "deepspeed_hf_worker.py", tmp_path_factory.mktemp("ds_hf"))
 
 
