@@ -119,7 +119,10 @@ def run_steps(engine, stab, start: int, stop: int, faults: Faults, record: bool,
     for step in range(start, stop):
         x, y = dw.batch(step)
         per_rank = dw.BATCH // world
-        x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+        x, y = (
+            x[rank * per_rank : (rank + 1) * per_rank],
+            y[rank * per_rank : (rank + 1) * per_rank],
+        )
         micro = per_rank // accum
         entry: dict = {"calls": []}
         for j in range(accum):
@@ -183,7 +186,9 @@ def run_resume(stage: int, out: Path) -> dict:
     stab = gradstab.GradientStabilizer()
     faults = Faults(engine)
     run_steps(engine, stab, 0, dw.HALF, faults, record=False)
-    engine.save_checkpoint(str(ckpt), tag="half", client_state={gds.CLIENT_STATE_KEY: stab.state_dict()})
+    engine.save_checkpoint(
+        str(ckpt), tag="half", client_state={gds.CLIENT_STATE_KEY: stab.state_dict()}
+    )
     engine.destroy()
     del engine, stab
 
@@ -214,7 +219,9 @@ def run_errors() -> dict:
             engine.backward(nn.functional.mse_loss(engine(x), y))
             stab.apply(engine)
             engine.step()
-    errors["clipping_warnings"] = [str(w.message) for w in caught if "gradient_clipping" in str(w.message)]
+    errors["clipping_warnings"] = [
+        str(w.message) for w in caught if "gradient_clipping" in str(w.message)
+    ]
     # apply() after engine.step(): the gradients are gone
     try:
         stab.apply(engine)

@@ -26,17 +26,23 @@ if importlib.util.find_spec("deepspeed") is None:
         allow_module_level=True,
     )
 
-from tests import distributed_worker as dw  # noqa: E402
-from tests.conftest import RTOL  # noqa: E402
-from tests.helpers import assert_grads_close  # noqa: E402
-from tests.reference import ReferenceStabilizer  # noqa: E402
+from tests import distributed_worker as dw
+from tests.conftest import RTOL
+from tests.helpers import assert_grads_close
+from tests.reference import ReferenceStabilizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 TRAIN_RTOL = 1e-5  # relative to the largest entry of each tensor
 STAGES = (0, 1, 2, 3)
 TRAIN_RUNS = [f"train/{s}/{d}" for s in STAGES for d in ("fp32", "bf16")]
-EXACT_RUNS = [f"train/{s}/fp32" for s in STAGES] + ["train/3p/fp32", "accum/0", "accum/2", "accum/3"]
+EXACT_RUNS = [
+    *(f"train/{s}/fp32" for s in STAGES),
+    "train/3p/fp32",
+    "accum/0",
+    "accum/2",
+    "accum/3",
+]
 FP16_RUNS = ["fp16/0", "fp16/2", "fp16/3"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHARDED = {"0": False, "1": True, "2": True, "3": True, "3p": True}
@@ -151,7 +157,7 @@ def test_fp32_training_equals_single_process(ranks, single, key):
     assert k[dw.NAN_PARAM] == dw.STEPS - 1
 
 
-@pytest.mark.parametrize("key", TRAIN_RUNS + ["accum/2", "accum/3", "train/3p/fp32"])
+@pytest.mark.parametrize("key", [*TRAIN_RUNS, "accum/2", "accum/3", "train/3p/fp32"])
 def test_stabilized_gradients_match_reference(ranks, key):
     """The whole averaged gradients after apply() equal the float64 reference on the whole
     gradients before it, every step, with the tolerance of the gradients' dtype (bf16 runs
@@ -298,7 +304,8 @@ def test_hf_trainer_with_deepspeed_equals_single_process(hf_ranks, stage):
         assert run["state"]["keys"] == single["state"]["keys"], msg
         assert run["state"]["k"].tolist() == [hw.STEPS] * len(single["state"]["keys"]), msg
         for name in ("m", "v", "k"):
-            assert torch.equal(run["state"][name], hf_ranks[0][f"zero{stage}"]["straight"]["state"][name])
+            first = hf_ranks[0][f"zero{stage}"]["straight"]["state"][name]
+            assert torch.equal(run["state"][name], first), msg
         assert [len(batch) for batch in run["seen"]] == [hw.SAMPLES // WORLD] * hw.STEPS, msg
         logs = run["logs"]
         assert len(logs) == hw.STEPS and all("gradstab/grad_norm_before" in e for e in logs), logs
@@ -334,10 +341,10 @@ def test_pre_step_hook_wraps_once_and_restores():
         opt = torch.optim.SGD([p], lr=0.1)
         if wrapped_before:
             original = opt.step
-            opt.step = lambda *a, **k: original(*a, **k)
+            opt.step = lambda *a, original=original, **k: original(*a, **k)
         previous = vars(opt).get("step")
         calls = []
-        hook = PreStepHook(opt, lambda: calls.append(float(p.grad.sum())))
+        hook = PreStepHook(opt, lambda calls=calls: calls.append(float(p.grad.sum())))
         p.grad = torch.ones(3)
         opt.step()
         assert calls == [3.0]
@@ -348,3 +355,32 @@ def test_pre_step_hook_wraps_once_and_restores():
         assert vars(opt).get("step") is previous
         opt.step()
         assert calls == [3.0]
+
+
+def test_deepspeed_trainer_example(tmp_path):
+    """examples/deepspeed_trainer.py starts itself on 2 CPU ranks, trains with ZeRO-3 and the
+    callback, and its resumed run ends with the same weights."""
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (pip install 'gradstab[hf]')")
+    env = {
+        **os.environ,
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch-extensions")
+        ),
+        "MASTER_PORT": str(_free_port()),
+    }
+    env.pop("RANK", None)
+    args = ["--zero", "3", "--steps", "4", "--output-dir", str(tmp_path)]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "deepspeed_trainer.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+        env=env,
+    )
+    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    assert "ZeRO-3 on 2 ranks" in out.stdout, out.stdout
+    assert len([line for line in out.stdout.splitlines() if line.startswith("step ")]) == 4
+    assert "resumed from checkpoint-2: final weights identical" in out.stdout, out.stdout

@@ -207,9 +207,7 @@ def _zero12(named: list[tuple[str, nn.Parameter]], optimizer: Any) -> Fragments:
 def _zero3(named: list[tuple[str, nn.Parameter]], optimizer: Any) -> Fragments:
     import torch.distributed as dist
 
-    if getattr(optimizer, "offload_optimizer", False) or getattr(
-        optimizer, "offload_param", False
-    ):
+    if getattr(optimizer, "offload_optimizer", False) or getattr(optimizer, "offload_param", False):
         raise DeepSpeedLayoutError(
             "gradstab: ZeRO stage 3 with offload_optimizer/offload_param keeps the gradients in "
             "CPU or NVMe buffers that gradstab does not support; disable offloading"

@@ -157,6 +157,10 @@ def stabilize_fragments(
     keys, local = frag.keys, frag.local
     if found_inf is not None and not isinstance(found_inf, Tensor):
         raise TypeError(f"gradstab: found_inf must be a tensor, got {type(found_inf).__name__}")
+    if not frag.sharded and frag.loss_scale == 1.0:
+        # ZeRO 0 without a loss scale: whole gradients in p.grad, as without DeepSpeed (the
+        # compiled kernels, no communication).
+        return stab.apply(module, found_inf=found_inf)
     params = _Params(list(keys), list(local), lambda i: repr(keys[i]))
     stab._check_pending(keys, params)
     stab._finalize_stats()
