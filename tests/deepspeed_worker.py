@@ -48,7 +48,12 @@ INF_STEP = 3  # the fp16 scenario puts an Inf into one gradient at this step
 
 
 def ds_config(
-    stage: int, dtype: str, accum: int = 1, clipping: float = 0.0, persistent: bool = False
+    stage: int,
+    dtype: str,
+    accum: int = 1,
+    clipping: float = 0.0,
+    persistent: bool = False,
+    fp32_accum: bool = False,
 ) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": dw.BATCH // dist.get_world_size() // accum,
@@ -61,6 +66,8 @@ def ds_config(
     }
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
+    if fp32_accum:
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     if dtype == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 10, "loss_scale_window": 1000}
     if stage == 3 and not persistent:
@@ -159,9 +166,14 @@ def run_steps(engine, stab, start: int, stop: int, faults: Faults, record: bool,
 
 
 def run_training(
-    stage: int, dtype: str, accum: int = 1, granularity: str = "param", persistent: bool = False
+    stage: int,
+    dtype: str,
+    accum: int = 1,
+    granularity: str = "param",
+    persistent: bool = False,
+    fp32_accum: bool = False,
 ) -> dict:
-    engine = make_engine(stage, dtype, accum=accum, persistent=persistent)
+    engine = make_engine(stage, dtype, accum=accum, persistent=persistent, fp32_accum=fp32_accum)
     stab = gradstab.GradientStabilizer(granularity=granularity)
     faults = Faults(engine, float("inf") if dtype == "fp16" else float("nan"))
     steps = run_steps(engine, stab, 0, dw.STEPS, faults, record=True, accum=accum)
@@ -238,6 +250,17 @@ def run_errors() -> dict:
     engine.step()
     engine.destroy()
 
+    # ZeRO-1 with bf16 and float32 gradient accumulation is DeepSpeed's BF16_Optimizer: refused
+    engine = make_engine(1, "bf16", fp32_accum=True)
+    engine.backward(nn.functional.mse_loss(engine(x.bfloat16()).float(), y))
+    try:
+        gradstab.GradientStabilizer().apply(engine)
+        errors["bf16_optimizer"] = None
+    except gds.DeepSpeedLayoutError as err:
+        errors["bf16_optimizer"] = f"{type(engine.optimizer).__name__}: {err}"
+    engine.step()
+    engine.destroy()
+
     # nonfinite="raise" with a NaN in a piece that only rank 1 holds: every rank raises
     engine = make_engine(2, "fp32")
     stab = gradstab.GradientStabilizer(nonfinite="raise")
@@ -279,6 +302,8 @@ def main() -> None:
         for dtype in ("fp32", "bf16"):
             scenarios[f"train/{stage}/{dtype}"] = lambda s=stage, d=dtype: run_training(s, d)
     scenarios["train/3p/fp32"] = lambda: run_training(3, "fp32", persistent=True)
+    # bf16 with float32 gradient accumulation: ZeRO-2 keeps one flat float32 partition
+    scenarios["train/2a/bf16"] = lambda: run_training(2, "bf16", fp32_accum=True)
     for stage in (0, 2, 3):
         scenarios[f"accum/{stage}"] = lambda s=stage: run_training(s, "fp32", accum=2)
         scenarios[f"fp16/{stage}"] = lambda s=stage: run_training(s, "fp16")

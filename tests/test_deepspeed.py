@@ -45,7 +45,7 @@ EXACT_RUNS = [
 ]
 FP16_RUNS = ["fp16/0", "fp16/2", "fp16/3"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SHARDED = {"0": False, "1": True, "2": True, "3": True, "3p": True}
+SHARDED = {"2a": True, "0": False, "1": True, "2": True, "3": True, "3p": True}
 
 
 def _free_port() -> int:
@@ -157,7 +157,9 @@ def test_fp32_training_equals_single_process(ranks, single, key):
     assert k[dw.NAN_PARAM] == dw.STEPS - 1
 
 
-@pytest.mark.parametrize("key", [*TRAIN_RUNS, "accum/2", "accum/3", "train/3p/fp32"])
+@pytest.mark.parametrize(
+    "key", [*TRAIN_RUNS, "accum/2", "accum/3", "train/3p/fp32", "train/2a/bf16"]
+)
 def test_stabilized_gradients_match_reference(ranks, key):
     """The whole averaged gradients after apply() equal the float64 reference on the whole
     gradients before it, every step, with the tolerance of the gradients' dtype (bf16 runs
@@ -207,7 +209,7 @@ def test_one_all_reduce_per_optimizer_step(ranks):
     one all-reduce over the 2 ranks under ZeRO 1-3 (not one per parameter), and nothing at a
     micro-step that is not an accumulation boundary."""
     for r in ranks:
-        for key in TRAIN_RUNS + FP16_RUNS + ["train/3p/fp32", "global/2"]:
+        for key in [*TRAIN_RUNS, *FP16_RUNS, "train/3p/fp32", "train/2a/bf16", "global/2"]:
             stage = key.split("/")[1]
             want = [[WORLD]] if SHARDED[stage] else [[]]
             assert [s["calls"] for s in r[key]["steps"]] == [want] * dw.STEPS, key
@@ -261,6 +263,15 @@ def test_apply_outside_backward_and_step_is_refused(ranks):
     for r in ranks:
         assert "after engine.backward(loss) and before engine.step()" in r["errors"]["after_step"]
         assert "no scaler" in r["errors"]["scaler"]
+
+
+def test_bf16_optimizer_is_refused(ranks):
+    """ZeRO-1 with bf16 parameters and float32 gradient accumulation runs DeepSpeed's
+    BF16_Optimizer, whose layout gradstab does not read: a clear error, not wrong norms."""
+    for r in ranks:
+        error = r["errors"]["bf16_optimizer"]
+        assert error is not None and error.startswith("BF16_Optimizer:"), error
+        assert "not supported" in error, error
 
 
 def test_nonfinite_raise_raises_on_every_rank(ranks):

@@ -19,7 +19,9 @@ NOTE: [DeepSpeed gradient layouts]
   mapping ``p._hp_mapping`` (``lp_fragment_address``: where in the parameter;
   ``hp_fragment_address``: where in the rank's slice). We match each fragment to the tensor of
   ``averaged_gradients[i]`` that starts at ``hp_fragment_address.start`` with its ``numel`` and
-  scale that tensor in place: what ``step()`` will read. (DeepSpeed's
+  scale that tensor in place: what ``step()`` will read. (With bf16 parameters and float32
+  gradient accumulation the tensors are views of one flat float32 partition, a
+  ``GradPartitionBufferGroup``; the same matching holds.) (DeepSpeed's
   ``safe_get_full_grad``/``safe_set_full_grad`` do the same per parameter with one all-reduce
   and one copy each; the local-gradient API is ZeRO-3 only.)
 * ZeRO stage 3 (``DeepSpeedZeroOptimizer_Stage3``): every parameter is split into
