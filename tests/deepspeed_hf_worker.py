@@ -24,13 +24,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import deepspeed
-from deepspeed.utils import safe_get_full_fp32_param
-from transformers import Trainer, TrainerCallback, TrainingArguments
-
 import gradstab
-from gradstab.integrations.huggingface import GradientStabilizerCallback
 from tests import distributed_worker as dw
+
+# DeepSpeed and transformers are imported where they are used, so that the test can import
+# ``train_single`` and the constants without them.
 
 STEPS, HALF = 6, 3
 SPIKE_STEP, SPIKE = 2, 1e4
@@ -64,13 +62,6 @@ class Data(torch.utils.data.Dataset):
         return {"x": self.x[i], "labels": self.y[i]}
 
 
-class Spike(TrainerCallback):
-    """Scales the loss (so every gradient) by SPIKE at step SPIKE_STEP."""
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        model.loss_factor = SPIKE if state.global_step == SPIKE_STEP else 1.0
-
-
 def train_single() -> dict:
     """One process, all 32 samples per step, AdamW as the Trainer builds it."""
     model = Regression()
@@ -89,7 +80,15 @@ def train_single() -> dict:
     }
 
 
-def trainer(stage: int, out: Path, max_steps: int, callback: GradientStabilizerCallback):
+def trainer(stage: int, out: Path, max_steps: int, callback):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Spike(TrainerCallback):
+        """Scales the loss (so every gradient) by SPIKE at step SPIKE_STEP."""
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            model.loss_factor = SPIKE if state.global_step == SPIKE_STEP else 1.0
+
     ds_config = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
@@ -122,7 +121,9 @@ def trainer(stage: int, out: Path, max_steps: int, callback: GradientStabilizerC
     )
 
 
-def finish(t: Trainer, callback: GradientStabilizerCallback) -> dict:
+def finish(t, callback) -> dict:
+    from deepspeed.utils import safe_get_full_fp32_param
+
     engine = t.model_wrapped
     weights = {}
     for name, p in engine.module.named_parameters():
@@ -145,6 +146,8 @@ def finish(t: Trainer, callback: GradientStabilizerCallback) -> dict:
 
 
 def run(stage: int, out: Path) -> dict:
+    from gradstab.integrations.huggingface import GradientStabilizerCallback
+
     results = {}
     callback = GradientStabilizerCallback()
     t = trainer(stage, out / f"straight{stage}", STEPS, callback)
@@ -169,6 +172,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
+    import deepspeed
+
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     torch.set_num_threads(1)
     rank = dist.get_rank()

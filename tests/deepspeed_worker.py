@@ -296,7 +296,11 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank = dist.get_rank()
     torch.set_num_threads(1)
-    results: dict = {"world": dist.get_world_size(), "deepspeed": deepspeed.__version__}
+    results: dict = {
+        "world": dist.get_world_size(),
+        "deepspeed": deepspeed.__version__,
+        "inf_step": INF_STEP,
+    }
     scenarios = {}
     for stage in STAGES:
         for dtype in ("fp32", "bf16"):
