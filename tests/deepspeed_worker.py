@@ -54,6 +54,7 @@ def ds_config(
     clipping: float = 0.0,
     persistent: bool = False,
     fp32_accum: bool = False,
+    overlap: bool = False,
 ) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": dw.BATCH // dist.get_world_size() // accum,
@@ -68,6 +69,12 @@ def ds_config(
         cfg["bf16"] = {"enabled": True}
     if fp32_accum:
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    if overlap:
+        # as HuggingFace's example configs: overlapped, bucketed reduction (small buckets here,
+        # so that parameters span several)
+        cfg["zero_optimization"].update(
+            overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=200
+        )
     if dtype == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 10, "loss_scale_window": 1000}
     if stage == 3 and not persistent:
@@ -172,8 +179,11 @@ def run_training(
     granularity: str = "param",
     persistent: bool = False,
     fp32_accum: bool = False,
+    overlap: bool = False,
 ) -> dict:
-    engine = make_engine(stage, dtype, accum=accum, persistent=persistent, fp32_accum=fp32_accum)
+    engine = make_engine(
+        stage, dtype, accum=accum, persistent=persistent, fp32_accum=fp32_accum, overlap=overlap
+    )
     stab = gradstab.GradientStabilizer(granularity=granularity)
     faults = Faults(engine, float("inf") if dtype == "fp16" else float("nan"))
     steps = run_steps(engine, stab, 0, dw.STEPS, faults, record=True, accum=accum)
@@ -308,6 +318,7 @@ def main() -> None:
     scenarios["train/3p/fp32"] = lambda: run_training(3, "fp32", persistent=True)
     # bf16 with float32 gradient accumulation: ZeRO-2 keeps one flat float32 partition
     scenarios["train/2a/bf16"] = lambda: run_training(2, "bf16", fp32_accum=True)
+    scenarios["train/2o/fp32"] = lambda: run_training(2, "fp32", overlap=True)
     for stage in (0, 2, 3):
         scenarios[f"accum/{stage}"] = lambda s=stage: run_training(s, "fp32", accum=2)
         scenarios[f"fp16/{stage}"] = lambda s=stage: run_training(s, "fp16")

@@ -39,13 +39,14 @@ TRAIN_RUNS = [f"train/{s}/{d}" for s in STAGES for d in ("fp32", "bf16")]
 EXACT_RUNS = [
     *(f"train/{s}/fp32" for s in STAGES),
     "train/3p/fp32",
+    "train/2o/fp32",
     "accum/0",
     "accum/2",
     "accum/3",
 ]
 FP16_RUNS = ["fp16/0", "fp16/2", "fp16/3"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SHARDED = {"2a": True, "0": False, "1": True, "2": True, "3": True, "3p": True}
+SHARDED = {"2a": True, "2o": True, "0": False, "1": True, "2": True, "3": True, "3p": True}
 
 
 def _free_port() -> int:
@@ -203,7 +204,8 @@ def test_one_all_reduce_per_optimizer_step(ranks):
     one all-reduce over the 2 ranks under ZeRO 1-3 (not one per parameter), and nothing at a
     micro-step that is not an accumulation boundary."""
     for r in ranks:
-        for key in [*TRAIN_RUNS, *FP16_RUNS, "train/3p/fp32", "train/2a/bf16", "global/2"]:
+        runs = [*TRAIN_RUNS, *FP16_RUNS, "train/3p/fp32", "train/2a/bf16", "train/2o/fp32"]
+        for key in [*runs, "global/2"]:
             stage = key.split("/")[1]
             want = [[WORLD]] if SHARDED[stage] else [[]]
             assert [s["calls"] for s in r[key]["steps"]] == [want] * dw.STEPS, key

@@ -107,7 +107,8 @@ def _check_engine(engine: Any) -> None:
             "gradstab: DeepSpeed mixture-of-experts layers reduce expert gradients over "
             "their own process groups, which gradstab does not support"
         )
-    if not engine.managed_gradient_accumulation():
+    managed = getattr(engine, "managed_gradient_accumulation", None)
+    if managed is not None and not managed():
         raise DeepSpeedLayoutError(
             "gradstab: with managed_gradient_accumulation=false DeepSpeed reduces the gradients "
             "inside engine.step(), after apply() could see them; use the default (managed) mode"
