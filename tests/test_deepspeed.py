@@ -223,7 +223,7 @@ def test_each_stage_used_its_own_layout(ranks):
         "train/2/bf16": "DeepSpeedZeroOptimizer",
         "train/3/fp32": "DeepSpeedZeroOptimizer_Stage3",
         "train/3/bf16": "DeepSpeedZeroOptimizer_Stage3",
-        "fp16/0": "FP16_UnfusedOptimizer",  # FP16_Optimizer (fused) needs an accelerator
+        "fp16/0": "FP16_UnfusedOptimizer",  # (FP16_Optimizer is for DeepSpeed's FusedAdam)
     }
     for key, name in want.items():
         assert ranks[0][key]["optimizer"] == name, key
