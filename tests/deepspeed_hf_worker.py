@@ -84,10 +84,27 @@ def trainer(stage: int, out: Path, max_steps: int, callback):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class Spike(TrainerCallback):
-        """Scales the loss (so every gradient) by SPIKE at step SPIKE_STEP."""
+        """Scales the loss (so every gradient) by SPIKE at step SPIKE_STEP, and records what
+        DeepSpeed's optimizer holds when the Trainer calls on_pre_optimizer_step."""
+
+        def __init__(self) -> None:
+            self.at_pre_optimizer_step: list[dict] = []
 
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             model.loss_factor = SPIKE if state.global_step == SPIKE_STEP else 1.0
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            ds_optimizer = optimizer.optimizer  # accelerate's wrapper around engine.optimizer
+            inner = ds_optimizer.optimizer.state.values()  # the torch AdamW DeepSpeed steps
+            self.at_pre_optimizer_step.append(
+                {
+                    "global_step": state.global_step,
+                    "adamw_steps": max((int(s["step"]) for s in inner if "step" in s), default=0),
+                    "gradients": any(
+                        g is not None for g in ds_optimizer.averaged_gradients.values()
+                    ),
+                }
+            )
 
     ds_config = {
         "train_micro_batch_size_per_gpu": "auto",
@@ -124,6 +141,7 @@ def trainer(stage: int, out: Path, max_steps: int, callback):
 def finish(t, callback) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
+    (probe,) = [c for c in t.callback_handler.callbacks if hasattr(c, "at_pre_optimizer_step")]
     engine = t.model_wrapped
     weights = {}
     for name, p in engine.module.named_parameters():
@@ -140,6 +158,7 @@ def finish(t, callback) -> dict:
         "logs": logs,
         "optimizer": type(engine.optimizer).__name__,
         "seen": engine.module.seen,
+        "at_pre_optimizer_step": probe.at_pre_optimizer_step,
         "hook_removed": "step" not in vars(engine.optimizer)
         or not getattr(engine.optimizer.step, "_gradstab_pre_step", False),
     }

@@ -325,6 +325,17 @@ def test_hf_trainer_with_deepspeed_equals_single_process(hf_ranks, stage):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
+def test_hf_trainer_steps_deepspeed_before_on_pre_optimizer_step(hf_ranks, stage):
+    """Why the callback hooks DeepSpeed's optimizer: when the Trainer calls
+    on_pre_optimizer_step, accelerate has already run engine.step() (AdamW has taken this step)
+    and DeepSpeed holds no gradients any more."""
+    for r in hf_ranks:
+        for record in r[f"zero{stage}"]["straight"]["at_pre_optimizer_step"]:
+            assert record["adamw_steps"] == record["global_step"] + 1, record
+            assert not record["gradients"], record
+
+
+@pytest.mark.parametrize("stage", [2, 3])
 def test_hf_trainer_with_deepspeed_resume_is_bit_exact(hf_ranks, stage):
     """3 steps, the Trainer's checkpoint (DeepSpeed's and trainer_state.json with the
     callback's statistics), a fresh Trainer resuming to step 6: weights and statistics equal the
