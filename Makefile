@@ -13,7 +13,7 @@ CLANG_FORMAT_FILES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h
 
 .PHONY: setup test lint format cuda-check demo
 
-setup: $(STAMP) $(VENV)/.demo-deps
+setup: $(STAMP) $(VENV)/.demo-deps $(VENV)/.deepspeed-installed
 
 $(VENV)/.deps-installed:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ $(VENV)/.extras-installed: $(VENV)/.deps-installed
 $(STAMP): $(VENV)/.deps-installed $(VENV)/.extras-installed $(SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -c "import gradstab, gradstab._C; print('gradstab', gradstab.__version__, 'backend:', gradstab.GradientStabilizer().backend)"
+	touch $@
+
+# DeepSpeed (the extra `deepspeed`), for its two-rank tests and example. Its sdist's setup.py
+# imports torch, so it is built against the venv's torch (--no-build-isolation; ~15 s, no op is
+# compiled ahead); TORCH_SPEC again so that pip keeps that torch.
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
+$(VENV)/.deepspeed-installed: $(VENV)/.deps-installed
+	$(PY) -m pip install --quiet --no-build-isolation "$(TORCH_SPEC)" "$(DEEPSPEED_SPEC)"
 	touch $@
 
 # The demo's plot (and its test) need matplotlib; the pin is the wheel this project's machines

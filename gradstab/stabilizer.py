@@ -21,6 +21,7 @@ from gradstab import _ops, _torch_backend, distributed
 from gradstab import functional as F
 from gradstab._bindings import Bindings
 from gradstab._warn import user_stacklevel
+from gradstab.integrations import deepspeed as _deepspeed
 
 Key = str | int
 _Result = TypeVar("_Result")
@@ -394,7 +395,8 @@ class GradientStabilizer:
             params: an ``nn.Module`` (state keyed by parameter name, so checkpoints load into a
                 fresh process), a ``torch.optim.Optimizer``, an iterable of parameters or of
                 param-group dicts, or one tensor (state keyed by position). Parameters without
-                a gradient are left alone and keep their state.
+                a gradient are left alone and keep their state. A ``deepspeed.DeepSpeedEngine``
+                (ZeRO stages 0-3, keyed by name): see ``gradstab.integrations.deepspeed``.
             found_inf: optional one-element tensor; > 0 means this step will be skipped (by a
                 loss scaler): nothing changes.
             scaler: a ``torch.amp.GradScaler``; with it, the optimizer's gradients are unscaled
@@ -403,6 +405,13 @@ class GradientStabilizer:
             optimizer: the optimizer ``scaler`` unscales; defaults to ``params`` when that is an
                 optimizer.
         """
+        if isinstance(params, nn.Module) and _deepspeed.is_engine(params):
+            if scaler is not None or optimizer is not None:
+                raise ValueError(
+                    "gradstab: apply(engine) takes no scaler or optimizer: DeepSpeed's own loss "
+                    "scaler is read from the engine"
+                )
+            return _deepspeed.apply(self, params, found_inf=found_inf)
         everything = _resolve(params)
         distributed.refuse_fsdp1((everything.label(i), p) for i, p in enumerate(everything.tensors))
         grads = list(map(_grad, everything.tensors))

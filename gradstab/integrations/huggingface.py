@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from gradstab._warn import user_stacklevel
+from gradstab.integrations import deepspeed as _deepspeed
 from gradstab.stabilizer import GradientStabilizer, StabilizerStats
 
 try:
@@ -106,7 +107,7 @@ class GradientStabilizerCallback(TrainerCallback, ExportableState):
     # ----------------------------------------------------------------------------------------
     # Trainer events
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         if args.max_grad_norm is not None and args.max_grad_norm > 0:
             self._warn_once(
                 "clip",
@@ -134,19 +135,37 @@ class GradientStabilizerCallback(TrainerCallback, ExportableState):
             else:
                 self.stabilizer_state = saved["attributes"]["stabilizer_state"]
         self._last, self._skipped = None, None
+        self._remove_deepspeed_hook()
+        self._deepspeed_hook = _deepspeed.trainer_hook(
+            self.stabilizer, model, kwargs.get("optimizer"), args, self._record
+        )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._remove_deepspeed_hook()
+
+    def _remove_deepspeed_hook(self) -> None:
+        hook = getattr(self, "_deepspeed_hook", None)
+        if hook is not None:
+            hook.remove()
+        self._deepspeed_hook = None
+
+    def _record(self, stats: StabilizerStats) -> None:
+        self._last = stats
+        self._skipped = stats.skipped if self._skipped is None else self._skipped + stats.skipped
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if getattr(self, "_deepspeed_hook", None) is not None:
+            return  # DeepSpeed: stabilized inside engine.step(), before its optimizer steps
         inner, scaler = _unwrap(optimizer)
         if not any(p.grad is not None for p in model.parameters()):
             self._warn_once(
                 "nograd",
                 "GradientStabilizerCallback: the model has no gradients at the optimizer step "
-                "(DeepSpeed and some sharded setups keep them elsewhere); nothing is stabilized.",
+                "(a sharded setup gradstab does not know keeps them elsewhere); nothing is "
+                "stabilized.",
             )
             return
-        stats = self.stabilizer.apply(model, scaler=scaler, optimizer=inner)
-        self._last = stats
-        self._skipped = stats.skipped if self._skipped is None else self._skipped + stats.skipped
+        self._record(self.stabilizer.apply(model, scaler=scaler, optimizer=inner))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or self._last is None:
