@@ -67,7 +67,7 @@ void adamw_elements(const AdamwRun& run, const AdamwConstants<opmath_of<scalar_t
 template <typename scalar_t>
 void adamw_generic(const AdamwRun& run, const AdamwStep& step) {
   const auto c =
-      adamw_constants<opmath_of<scalar_t>>(step.group, step.step, step.grad_scale, step.maximize);
+      adamw_constants<opmath_of<scalar_t>>(step.group, step.bias, step.grad_scale, step.maximize);
   adamw_elements<scalar_t>(run, c, 0);
 }
 
@@ -143,7 +143,7 @@ inline void vector_loop(const AdamwRun& run, const AdamwConstants<opmath_of<scal
 template <typename scalar_t, typename V, template <typename, typename, bool, bool> class Loop>
 void dispatch_loop(const AdamwRun& run, const AdamwStep& step) {
   const auto c =
-      adamw_constants<opmath_of<scalar_t>>(step.group, step.step, step.grad_scale, step.maximize);
+      adamw_constants<opmath_of<scalar_t>>(step.group, step.bias, step.grad_scale, step.maximize);
   const bool zero = run.grad == nullptr;
   const bool amsgrad = run.max_exp_avg_sq != nullptr;
   if (zero) {
