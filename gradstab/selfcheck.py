@@ -30,6 +30,7 @@ the device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import random
 import time
@@ -176,17 +177,38 @@ def _bits_error(actual: Sequence[Tensor], expected: Sequence[Tensor]) -> float:
     return worst
 
 
-class _Data:
-    """Random gradients of odd shapes and every layout, on one device, from one seed."""
+@contextlib.contextmanager
+def _intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
-    def __init__(self, device: torch.device, seed: int, quick: bool) -> None:
+
+class _Data:
+    """Random gradients of odd shapes and every layout, on one device, from one seed.
+
+    The checks do their own arithmetic (data, reference, error measures: many small torch ops)
+    on one thread: on a busy machine, waking a second thread for each of them made the check
+    ten times slower. The ops under test run inside ``op_threads()``, with the threads the user
+    had set.
+    """
+
+    def __init__(self, device: torch.device, seed: int, quick: bool, threads: int = 1) -> None:
         self.device = device
+        self.threads = threads
         self.gen = torch.Generator().manual_seed(seed)
         self.shapes: list[tuple[int, ...]] = [
             *[(0,), (1,), (7,), (1023,), (97, 3), (13, 17, 3), (0, 4), (70_001,)]
         ]
         if not quick:
             self.shapes += [(3 * CUDA_CHUNK + 5,), (33, 1001)]
+
+    def op_threads(self) -> contextlib.AbstractContextManager[None]:
+        return _intra_op_threads(self.threads)
 
     def rand(self) -> float:
         return torch.rand((), generator=self.gen).item()
@@ -251,9 +273,10 @@ def _check_stabilize(data: _Data, steps: int) -> Iterator[Row]:
                 found_inf = torch.tensor(float(skip), device=data.device) if step % 2 else None
                 skip = skip and found_inf is not None
                 expected, ref_norms = ref.step(grads, found_inf=skip)
-                norms = F.stabilize_(
-                    grads, state, found_inf=found_inf, backend="compiled", **config
-                )
+                with data.op_threads():
+                    norms = F.stabilize_(
+                        grads, state, found_inf=found_inf, backend="compiled", **config
+                    )
                 measure.add("grads", _relative_error(grads, expected), GRAD_TOLERANCE[dtype])
                 ref_norms = torch.tensor(ref_norms, dtype=torch.float64).unsqueeze(1)
                 error = _relative_error(list(norms.unsqueeze(1)), list(ref_norms))
@@ -277,7 +300,8 @@ def _check_raise(data: _Data) -> Iterator[Row]:
     grads[3].view(-1)[5] = math.nan
     before = [g.clone() for g in grads] + [t.clone() for t in state]
     try:
-        F.stabilize_(grads, state, nonfinite="raise", backend="compiled")
+        with data.op_threads():
+            F.stabilize_(grads, state, nonfinite="raise", backend="compiled")
         measure.add("no FloatingPointError", math.inf, 0.0)
     except FloatingPointError as err:
         measure.add("message names grads[3]", 0.0 if "grads[3]" in str(err) else math.inf, 0.0)
@@ -337,7 +361,8 @@ def _check_adamw(data: _Data, steps: int) -> Iterator[Row]:
                 for pa, pb, g in zip(ours_params, ref_params, grads):
                     pa.grad = None if g is None else g.clone()
                     pb.grad = None if g is None else g.clone()
-                ours.step()
+                with data.op_threads():
+                    ours.step()
                 ref.step()
             error = _relative_error(ours_params, ref_params, floor=ADAMW_LR)  # a step: about lr
             measure.add("weights", error, ADAMW_TOLERANCE[dtype])
@@ -360,7 +385,7 @@ def _check_determinism(data: _Data, seed: int) -> Iterator[Row]:
     measure = Measure("same inputs, same bits", "all")
 
     def run() -> list[Tensor]:
-        again = _Data(data.device, seed, quick=True)
+        again = _Data(data.device, seed, quick=True, threads=data.threads)
         out: list[Tensor] = []
         for dtype in DTYPES:
             for config in (STABILIZER_CONFIGS["spike_guard"], STABILIZER_CONFIGS["global"]):
@@ -369,14 +394,16 @@ def _check_determinism(data: _Data, seed: int) -> Iterator[Row]:
                 for _ in range(3):
                     grads = again.grads(dtype)
                     again.inject_faults(grads, dtype)
-                    out.append(F.stabilize_(grads, state, backend="compiled", **config))
+                    with again.op_threads():
+                        out.append(F.stabilize_(grads, state, backend="compiled", **config))
                     out += grads
                 out += list(state)
         ours, params, _, _ = _adamw_pair(again, torch.bfloat16, ADAMW_CONFIGS["global, amsgrad"])
         for _ in range(3):
             for p in params:
                 p.grad = again.values(p.shape).to(again.device, p.dtype)
-            ours.step()
+            with again.op_threads():
+                ours.step()
         return out + params
 
     measure.add("bits", _bits_error(run(), run()), 0.0)
@@ -517,7 +544,7 @@ def _check_cross_device(data: _Data, seed: int) -> Iterator[Row]:
 
 def run_checks(device: torch.device, quick: bool, seed: int) -> list[Row]:
     """Every check for ``device``; a check that raises is a failed row that says what."""
-    data = _Data(device, seed, quick)
+    data = _Data(device, seed, quick, threads=torch.get_num_threads())
     steps = 6 if quick else 16
     checks: list[tuple[str, Callable[[], Iterator[Row]]]] = [
         ("stabilize_ vs float64 reference", lambda: _check_stabilize(data, steps)),
@@ -533,7 +560,8 @@ def run_checks(device: torch.device, quick: bool, seed: int) -> list[Row]:
     rows: list[Row] = []
     for name, check in checks:
         try:
-            rows += list(check())
+            with _intra_op_threads(1):
+                rows += list(check())
         except Exception as err:  # reported in the table as a failure
             first_line = str(err).splitlines()[0] if str(err) else ""
             rows.append(Row(name, "", math.nan, 0.0, f"raised {type(err).__name__}: {first_line}"))
