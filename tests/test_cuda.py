@@ -314,18 +314,16 @@ def test_state_moves_between_devices(granularity, seed):
         on_cuda.apply(params_cuda)
     on_cpu = gradstab.GradientStabilizer(**config)
     on_cpu.load_state_dict(on_cuda.state_dict())
-    for step in range(3):
-        give(exact_grads(sizes, torch.float32, gen))
-        on_cuda.apply(params_cuda)
-        on_cpu.apply(params_cpu)
-        assert_same((params_cuda, on_cuda), (params_cpu, on_cpu), f"to the CPU, step {step}")
-    back = gradstab.GradientStabilizer(**config)
-    back.load_state_dict(on_cpu.state_dict())
-    for step in range(3):
-        give(exact_grads(sizes, torch.float32, gen))
-        back.apply(params_cuda)
-        on_cpu.apply(params_cpu)
-        assert_same((params_cuda, back), (params_cpu, on_cpu), f"back to CUDA, step {step}")
+    # Saved on CUDA, going on on the CPU; then saved on the CPU, going on on CUDA.
+    for where, cuda_run in (("to the CPU", on_cuda), ("back to CUDA", None)):
+        if cuda_run is None:
+            cuda_run = gradstab.GradientStabilizer(**config)
+            cuda_run.load_state_dict(on_cpu.state_dict())
+        for step in range(3):
+            give(exact_grads(sizes, torch.float32, gen))
+            cuda_run.apply(params_cuda)
+            on_cpu.apply(params_cpu)
+            assert_same((params_cuda, cuda_run), (params_cpu, on_cpu), f"{where}, step {step}")
 
 
 @pytest.mark.parametrize("inf_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
