@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The GPU check of gradstab, in one call of the device tool (see docs/cuda.md):
-#   builds gradstab._C from source with the machine's torch and nvcc (sm_90 only, to be quick),
-#   runs tests/test_cuda.py, then the CPU tests if time is left, then the GPU benchmark presets,
-#   writes everything under $OUT and prints a short table last. Finishes in under 8 minutes: every
-#   step runs under `timeout` against one deadline.
+# The GPU check of gradstab, in one call of the device tool (see docs/cuda.md), in this order:
+#   1. build gradstab._C in place from source with the machine's torch and nvcc (sm_90 only, to
+#      be quick; no network needed: the machine's python must have torch, setuptools, ninja);
+#   2. python -m gradstab check --device cuda: the self-check a user runs on a new GPU;
+#   3. the CUDA tests (tests/test_cuda*.py; pytest must be installed);
+#   4. the GPU benchmark presets (python -m gradstab.bench --device cuda);
+# every step under `timeout` against one deadline (default 500 s, inside a 9-minute call), its
+# output under $OUT, and a short summary printed last.
 #
 # Usage (from the repository root): OUT=/some/dir bash benchmarks/gpu_check.sh
+#   with the device tool: run(command="OUT=$OUT bash benchmarks/gpu_check.sh", timeout_s=540)
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0),
-#   GPU_CHECK_SECONDS (default 450), BENCH_REPEATS (default 7).
-# Files under $OUT (at most 8): build.log, test_cuda.log, test_cpu.log, bench.md, bench.csv,
-#   bench.json, env.json, summary.md.
+#   GPU_CHECK_SECONDS (default 500), BENCH_REPEATS (default 7).
+# Files under $OUT (8, the most the device tool brings back): build.log, env.json, check.md,
+#   test_cuda.log, bench.md, bench.csv, bench.json, summary.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +25,7 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # torch guesses CUDA_HOME from the nvcc on PATH, which may be a link outside the toolkit.
 [[ -z "${CUDA_HOME:-}" && -d /usr/local/cuda ]] && export CUDA_HOME=/usr/local/cuda
-DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-450}))
+DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-500}))
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.md"
 : >"$SUMMARY"
@@ -53,6 +57,14 @@ pytest_tally() {
 
 echo "| step | result | time |" >>"$SUMMARY"
 echo "| --- | --- | --- |" >>"$SUMMARY"
+
+# What the steps below rely on, said up front (the machine has no network to install from).
+"$PY" - >>"$OUT/build.log" 2>&1 <<'EOF'
+import importlib.util
+missing = [m for m in ("torch", "setuptools", "ninja", "pytest", "numpy")
+           if importlib.util.find_spec(m) is None]
+print("python modules missing:", missing or "none")
+EOF
 
 step build 240 "$OUT/build.log" "$PY" setup.py build_ext --inplace
 built=$?
@@ -89,31 +101,31 @@ print(json.dumps(info, indent=2))
 EOF
 
 if ! grep -q '"cuda_kernel_registered": true' "$OUT/env.json"; then
-  echo "| CUDA kernel | NOT registered: the CUDA tests will skip | |" >>"$SUMMARY"
+  echo "| CUDA kernel | NOT registered: the check and the CUDA tests cannot run | |" >>"$SUMMARY"
 fi
 if ((built == 0)); then
-  step "tests/test_cuda.py" 200 "$OUT/test_cuda.log" \
-    "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda.py tests/test_cuda_plan.py \
-    tests/test_cuda_adamw.py
+  step "python -m gradstab check --device cuda" 90 "$OUT/check.md" \
+    "$PY" -m gradstab check --device cuda
+  echo "| check | $(grep -E "checks (passed|FAILED)|^gradstab check:" "$OUT/check.md" | tail -1) | |" >>"$SUMMARY"
+  # A test that hangs (a kernel that never finishes) fails alone if pytest-timeout is there.
+  per_test=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=90)
+  step "tests/test_cuda*.py" 200 "$OUT/test_cuda.log" \
+    "$PY" -m pytest -q -rfEs -p no:cacheprovider ${per_test[@]+"${per_test[@]}"} tests/test_cuda.py \
+    tests/test_cuda_adamw.py tests/test_cuda_plan.py tests/test_cuda_shared_math.py
   echo "| test_cuda tally | $(pytest_tally "$OUT/test_cuda.log") | |" >>"$SUMMARY"
-  if [[ -f gradstab/bench.py ]]; then
-    step "bench (gpt2-small, llama-1b, llama-7b, many-small, llama-*-adamw)" 170 "$OUT/bench.md" \
-      "$PY" -m gradstab.bench --device cuda --preset gpt2-small --preset llama-1b \
-      --preset llama-7b --preset many-small --preset llama-1b-adamw --preset llama-7b-adamw \
-      --repeats "${BENCH_REPEATS:-7}" \
-      --csv "$OUT/bench.csv" --json "$OUT/bench.json"
-  else
-    echo "| bench | not run: gradstab/bench.py is not in this tree | |" >>"$SUMMARY"
-  fi
-  step "CPU tests" 90 "$OUT/test_cpu.log" \
-    "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_contract.py tests/test_op.py
-  echo "| CPU tests tally | $(pytest_tally "$OUT/test_cpu.log") | |" >>"$SUMMARY"
+  step "bench (gpt2-small, llama-1b, llama-7b, many-small, llama-*-adamw)" 150 "$OUT/bench.md" \
+    "$PY" -m gradstab.bench --device cuda --preset gpt2-small --preset llama-1b \
+    --preset llama-7b --preset many-small --preset llama-1b-adamw --preset llama-7b-adamw \
+    --repeats "${BENCH_REPEATS:-7}" --csv "$OUT/bench.csv" --json "$OUT/bench.json"
 fi
 
 echo
 echo "== gradstab GPU check: full logs, CSV and JSON under \$OUT =="
-grep -E "FAILED|ERROR" "$OUT/test_cuda.log" 2>/dev/null | head -20
+tail -5 "$OUT/build.log"
 cat "$OUT/env.json"
+grep -E "^\||checks (passed|FAILED)|^gradstab .* check on" "$OUT/check.md" 2>/dev/null
+grep -E "FAILED|ERROR" "$OUT/test_cuda.log" 2>/dev/null | head -30
 # The benchmark's table rows (the markdown printed by gradstab.bench).
 grep -E "^\|" "$OUT/bench.md" 2>/dev/null | head -30
 cat "$SUMMARY"

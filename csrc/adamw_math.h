@@ -35,6 +35,32 @@ struct AdamwGroup {
   double eps;
 };
 
+// The bias corrections of a tensor at its step count: 1 - beta1^step and 1 - beta2^step.
+struct AdamwBias {
+  double bias1;
+  double bias2;
+};
+
+// AdamW's step count as the exponent of the bias corrections. torch counts steps in float32, in
+// whole numbers (exact up to 2^24); a fraction is dropped, and a count beyond 2^62, where every
+// 1 - beta^step is 1, is taken as 2^62.
+GRADSTAB_HOST_DEVICE inline int64_t adamw_step_count(double step) {
+  constexpr double kMaxCount = 0x1p62;
+  return step >= kMaxCount ? int64_t{1} << 62 : (step >= 1.0 ? static_cast<int64_t>(step) : 0);
+}
+
+// From beta1^count and beta2^count, which integer_power computes (NOTE: [integer power]: the same
+// bits on every backend; torch's AdamW uses pow, within an ulp of it).
+GRADSTAB_HOST_DEVICE inline AdamwBias adamw_bias_from_powers(double beta1_pow, double beta2_pow) {
+  return {1.0 - beta1_pow, 1.0 - beta2_pow};
+}
+
+GRADSTAB_HOST_DEVICE inline AdamwBias adamw_bias(const AdamwGroup& group, double step) {
+  const int64_t count = adamw_step_count(step);
+  return adamw_bias_from_powers(integer_power(group.beta1, count),
+                                integer_power(group.beta2, count));
+}
+
 // What the update of one tensor needs for one step, rounded to the type the math runs in.
 template <typename opmath_t>
 struct AdamwConstants {
@@ -50,14 +76,13 @@ struct AdamwConstants {
   opmath_t neg_step_size;  // -lr / (1 - beta1^step)
 };
 
-// The constants of a tensor at step `step` (already counting this step). `grad_scale` is the
-// product of the stabilizer's factor and 1/loss scale; `maximize` negates it.
+// The constants of a tensor whose step count (this step included) gives `bias`. `grad_scale` is
+// the product of the stabilizer's factor and 1/loss scale; `maximize` negates it.
 template <typename opmath_t>
 GRADSTAB_HOST_DEVICE inline AdamwConstants<opmath_t> adamw_constants(const AdamwGroup& group,
-                                                                     double step, double grad_scale,
+                                                                     const AdamwBias& bias,
+                                                                     double grad_scale,
                                                                      bool maximize) {
-  const double bias1 = 1.0 - pow(group.beta1, step);
-  const double bias2 = 1.0 - pow(group.beta2, step);
   AdamwConstants<opmath_t> c;
   c.grad_scale = static_cast<opmath_t>(maximize ? -grad_scale : grad_scale);
   c.decay = static_cast<opmath_t>(1.0 - group.lr * group.weight_decay);
@@ -66,9 +91,9 @@ GRADSTAB_HOST_DEVICE inline AdamwConstants<opmath_t> adamw_constants(const Adamw
   c.lerp_from_start = c.lerp_weight < opmath_t(0.5) && c.lerp_weight > opmath_t(-0.5);
   c.beta2 = static_cast<opmath_t>(group.beta2);
   c.one_minus_beta2 = static_cast<opmath_t>(1.0 - group.beta2);
-  c.bias2_sqrt = static_cast<opmath_t>(sqrt(bias2));
+  c.bias2_sqrt = static_cast<opmath_t>(sqrt(bias.bias2));
   c.eps = static_cast<opmath_t>(group.eps);
-  c.neg_step_size = static_cast<opmath_t>(-(group.lr / bias1));
+  c.neg_step_size = static_cast<opmath_t>(-(group.lr / bias.bias1));
   return c;
 }
 

@@ -8,11 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define GRADSTAB_HOST_DEVICE __host__ __device__
-#else
-#define GRADSTAB_HOST_DEVICE
-#endif
+#include "integer_power.h"
 
 namespace gradstab {
 
@@ -44,14 +40,15 @@ struct StabilizerConfig {
   int64_t nonfinite;
 };
 
-// gamma^k for the bias correction, computed where it is needed. The CPU kernel passes a
-// PowerTable instead (same pow calls, made once per step for the values of k in use).
+// gamma^k for the bias correction, computed where it is needed by integer_power (NOTE:
+// [integer power]: the same bits on every backend). The CPU kernel passes a PowerTable instead
+// (the same calls, made once per step for the values of k in use).
 struct DirectPowers {
   GRADSTAB_HOST_DEVICE double gamma1_pow(const StabilizerConfig& cfg, int64_t k) const {
-    return pow(cfg.gamma1, static_cast<double>(k));
+    return integer_power(cfg.gamma1, k);
   }
   GRADSTAB_HOST_DEVICE double gamma2_pow(const StabilizerConfig& cfg, int64_t k) const {
-    return pow(cfg.gamma2, static_cast<double>(k));
+    return integer_power(cfg.gamma2, k);
   }
 };
 
@@ -63,7 +60,7 @@ struct StepDecision {
 // Updates (m, v, k) in place for one gradient of norm `norm` and says what to do to the gradient.
 // `found_inf` means a loss scaler will skip this step: nothing may change. The raise policy is
 // enforced by the caller before this is reached; here it behaves like "skip".
-// `powers` supplies gamma1^k and gamma2^k (DirectPowers: pow).
+// `powers` supplies gamma1^k and gamma2^k (DirectPowers: integer_power).
 template <typename Powers = DirectPowers>
 GRADSTAB_HOST_DEVICE inline StepDecision stabilize_step(double norm, bool found_inf,
                                                         const StabilizerConfig& cfg, double* m,

@@ -1,4 +1,5 @@
-"""Command line: ``python -m gradstab demo | bench | info`` (also installed as ``gradstab``)."""
+"""Command line: ``python -m gradstab demo | bench | info | check`` (also installed as
+``gradstab``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 USAGE = """\
-usage: python -m gradstab {demo,bench,info} [options]
+usage: python -m gradstab {demo,bench,info,check} [options]
 
   demo   train a small language model four ways (no protection, clip_grad_norm_,
          GradientStabilizer, GradientStabilizer(spike_guard=10)) with injected gradient
@@ -17,6 +18,9 @@ usage: python -m gradstab {demo,bench,info} [options]
          (python -m gradstab demo --help)
   bench  benchmark the implementations side by side (python -m gradstab bench --help)
   info   versions, the backend GradientStabilizer would use, build flags, CUDA, threads
+  check  the compiled ops on this machine's GPU (or --device cpu) against a float64 reference
+         of the contract: a pass/fail table, exit status 1 on any failure
+         (python -m gradstab check --help)
 """
 
 
@@ -75,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo.main(rest)
     if command == "bench":
         return bench(rest)
+    if command == "check":
+        from gradstab import selfcheck
+
+        return selfcheck.main(rest)
     if command == "info":
         argparse.ArgumentParser(
             prog="python -m gradstab info", description=info.__doc__

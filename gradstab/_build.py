@@ -16,8 +16,10 @@ from pathlib import Path
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 LINK_FLAGS = ["-fopenmp"]
 # nvcc flags of ours; torch's build helpers add their own (COMMON_NVCC_FLAGS) and the -gencode
-# list from TORCH_CUDA_ARCH_LIST.
-NVCC_FLAGS = ["-O3", "-lineinfo"]
+# list from TORCH_CUDA_ARCH_LIST. -fmad=false: no multiply-add contracted into a fused one, as
+# -ffp-contract=off on the host, so the device computes the CPU's bits from the same norms
+# (docs/cuda.md); `make cuda-check` fails on any fused or contractible float operation in the PTX.
+NVCC_FLAGS = ["-O3", "-lineinfo", "-fmad=false"]
 # Architectures when TORCH_CUDA_ARCH_LIST is not set.
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
 

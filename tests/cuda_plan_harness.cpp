@@ -146,8 +146,9 @@ void check_visits() {
   check_visit<W>(1000, 32);
 }
 
-void check_layout(int64_t num_tensors, int64_t num_chunks, size_t extra_bytes = 0) {
-  const ListLayout l = plan_layout(num_tensors, num_chunks, extra_bytes);
+void check_layout(int64_t num_tensors, int64_t num_chunks, size_t extra_bytes = 0,
+                  size_t scratch_bytes = 0) {
+  const ListLayout l = plan_layout(num_tensors, num_chunks, extra_bytes, scratch_bytes);
   const size_t t = static_cast<size_t>(num_tensors);
   struct Region {
     size_t offset;
@@ -159,10 +160,11 @@ void check_layout(int64_t num_tensors, int64_t num_chunks, size_t extra_bytes = 
       {l.dtype, t},
       {l.tensor_done, t * 4},
       {l.list_done, 4},
-      {l.extra, extra_bytes},
+      {l.extra_upload, extra_bytes},
       {l.partial, static_cast<size_t>(num_chunks) * 8},
       {l.sumsq, (t + 1) * 8},
       {l.decision, t * sizeof(Decision)},
+      {l.extra_scratch, scratch_bytes},
   };
   size_t end = 0;
   for (const Region& r : regions) {
@@ -170,7 +172,7 @@ void check_layout(int64_t num_tensors, int64_t num_chunks, size_t extra_bytes = 
     EXPECT(r.offset >= end, "region at %zu overlaps the previous one (ends at %zu)", r.offset, end);
     end = r.offset + r.bytes;
   }
-  EXPECT(l.upload_bytes >= l.extra + extra_bytes && l.upload_bytes <= l.partial,
+  EXPECT(l.upload_bytes >= l.extra_upload + extra_bytes && l.upload_bytes <= l.partial,
          "the upload must cover the metadata and counters and nothing the kernels write");
   EXPECT(l.total_bytes >= end, "total %zu < %zu", l.total_bytes, end);
   EXPECT(sizeof(Decision) == 16, "Decision is %zu bytes", sizeof(Decision));
@@ -188,8 +190,9 @@ int main() {
   check_layout(3, 7);
   check_layout(5000, 5000);
   check_layout(291, 102400);
-  check_layout(3, 7, 1);  // stabilized_adamw_'s pointers and groups
-  check_layout(291, 102400, 291 * 48 + 5 * 40);
+  check_layout(3, 7, 1);  // stabilized_adamw_'s pointers and groups, and its bias corrections
+  check_layout(3, 7, 1, 1);
+  check_layout(291, 102400, 291 * 48 + 5 * 40, 291 * 16);
   std::printf("%lld checks passed\n", static_cast<long long>(checks));
   return 0;
 }

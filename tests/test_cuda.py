@@ -2,7 +2,9 @@
 
 Skipped without a GPU. Besides the contract tests of the CPU kernel this checks what only the GPU
 path has: CUDA graph capture and replay, no host sync, the number of launches, very long lists,
-a tensor of more than 2^31 elements, a second device, unaligned data, and agreement with the CPU.
+a tensor of more than 2^31 elements, a second device, unaligned data, and agreement with the CPU:
+from the same norms, the CPU's bits (docs/cuda.md; the CPU half of that is
+tests/test_cuda_shared_math.py), and a state that moves between the devices.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 import pytest
 import torch
 
+import gradstab
 from gradstab import _ops
 from gradstab import functional as F
 from tests.conftest import DTYPES, RTOL
@@ -214,10 +217,113 @@ def test_cpu_and_cuda_agree(dtype, seed):
         cpu_norms = stabilize(grads, cpu_state, spike_guard=5.0)
         cuda_norms = stabilize(on_cuda, cuda_state, spike_guard=5.0)
         where = f"seed={seed} step={step}"
-        torch.testing.assert_close(cuda_norms.cpu(), cpu_norms, rtol=1e-6, atol=0, equal_nan=True)
+        torch.testing.assert_close(
+            cuda_norms.cpu().double(), cpu_norms.double(), rtol=1e-6, atol=0, equal_nan=True
+        )
         assert_grads_close([g.cpu() for g in on_cuda], [g.double() for g in grads], dtype, where)
         for a, b in zip(cuda_state, cpu_state):
             torch.testing.assert_close(a.cpu(), b, rtol=1e-12, atol=0, msg=where)
+
+
+def exact_grads(sizes, dtype, gen) -> list[torch.Tensor]:
+    """Small integers times 2^-7: every square and partial sum is exact in float64, so the
+    norms are the same whatever the order of summation (the CPU's or the GPU's)."""
+    return [
+        (torch.randint(-64, 65, (n,), generator=gen, dtype=torch.float64) * 2.0**-7).to(dtype)
+        for n in sizes
+    ]
+
+
+def unaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the GPU, one element past a 16-byte boundary."""
+    base = torch.empty(t.numel() + 1, dtype=t.dtype, device=DEVICE)
+    base[1:] = t.reshape(-1).to(DEVICE)
+    return base[1:].view(t.shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"gamma1": 0.999999, "gamma2": 0.999999, "spike_guard": 3.0},
+        {"granularity": "global", "gamma2": 0.9999, "spike_guard": 2.0},
+        {"nonfinite": "skip", "bias_correction": False, "eps": 1e-3},
+    ],
+    ids=["defaults", "spike_guard", "global", "skip"],
+)
+def test_same_norms_give_the_cpu_bits(dtype, config, seed):
+    """From the same norms the GPU computes the CPU's bits: m, v, k, the factors and so the
+    gradients, with faults and a skipped step, aligned or not. The counts start where glibc's
+    pow and integer_power differ (0.999999^2104, ^2148, 0.9999^494, ^2258)."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [1, 7, 1023, CHUNK + 3, 3 * CHUNK + 5, 0, 33]
+    granularity = config.get("granularity", "param")
+    counts = [2103, 2147, 493, 2257, 0, 5, 10**6] if granularity == "param" else [2257]
+    cpu_state = F.init_state(exact_grads(sizes, dtype, gen), granularity)
+    cpu_state.k.copy_(torch.tensor(counts))
+    cpu_state.m.copy_(torch.rand(len(counts), generator=gen, dtype=torch.float64) * 3)
+    cpu_state.v.copy_(torch.rand(len(counts), generator=gen, dtype=torch.float64) * 9)
+    cuda_state = F.StabilizerState(*(t.to(DEVICE) for t in cpu_state))
+    for step in range(8):
+        grads = exact_grads(sizes, dtype, gen)
+        if step == 2:
+            grads[1][3] = float("nan")
+        if step == 3:
+            grads[2][5] = float("-inf")
+        if step == 5:
+            grads[6].zero_()
+        on_cuda = [unaligned_copy(g) if step % 2 else g.to(DEVICE) for g in grads]
+        found_inf = torch.tensor(float(step == 4))
+        cpu_norms = stabilize(grads, cpu_state, found_inf=found_inf, **config)
+        cuda_norms = stabilize(on_cuda, cuda_state, found_inf=found_inf.to(DEVICE), **config)
+        where = f"seed={seed} step={step}"
+        assert torch.equal(bits(cuda_norms.cpu().to(cpu_norms.dtype)), bits(cpu_norms)), where
+        for i, (a, b) in enumerate(zip(on_cuda, grads)):
+            assert torch.equal(bits(a), bits(b)), f"{where} grads[{i}]"
+        for a, b in zip(cuda_state, cpu_state):
+            assert torch.equal(bits(a), bits(b)), f"{where} state"
+
+
+@pytest.mark.parametrize("granularity", ["param", "global"])
+def test_state_moves_between_devices(granularity, seed):
+    """m, v, k saved on a CUDA run load on the CPU, and back; from the same norms both then
+    compute the same bits."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [5, 70_001, 1, 300]
+    config = {"granularity": granularity, "spike_guard": 4.0}
+    params_cuda = [torch.nn.Parameter(torch.zeros(n, device=DEVICE)) for n in sizes]
+    params_cpu = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+
+    def give(grads: list[torch.Tensor]) -> None:
+        for params in (params_cuda, params_cpu):
+            for p, g in zip(params, grads):
+                p.grad = g.to(p.device, copy=True)
+
+    def assert_same(a, b, where: str) -> None:
+        for i, (p, q) in enumerate(zip(a[0], b[0])):
+            assert torch.equal(bits(p.grad), bits(q.grad)), f"{where} grads[{i}]"
+        sd_a, sd_b = a[1].state_dict(), b[1].state_dict()
+        assert sd_a["keys"] == sd_b["keys"], where
+        for key in ("m", "v", "k"):
+            assert torch.equal(bits(sd_a[key]), bits(sd_b[key])), f"{where} {key}"
+
+    on_cuda = gradstab.GradientStabilizer(**config)
+    for _ in range(3):
+        give(exact_grads(sizes, torch.float32, gen))
+        on_cuda.apply(params_cuda)
+    on_cpu = gradstab.GradientStabilizer(**config)
+    on_cpu.load_state_dict(on_cuda.state_dict())
+    # Saved on CUDA, going on on the CPU; then saved on the CPU, going on on CUDA.
+    for where, cuda_run in (("to the CPU", on_cuda), ("back to CUDA", None)):
+        if cuda_run is None:
+            cuda_run = gradstab.GradientStabilizer(**config)
+            cuda_run.load_state_dict(on_cpu.state_dict())
+        for step in range(3):
+            give(exact_grads(sizes, torch.float32, gen))
+            cuda_run.apply(params_cuda)
+            on_cpu.apply(params_cpu)
+            assert_same((params_cuda, cuda_run), (params_cpu, on_cpu), f"{where}, step {step}")
 
 
 @pytest.mark.parametrize("inf_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])

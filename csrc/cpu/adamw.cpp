@@ -188,6 +188,7 @@ class AdamwStepPlan {
     }
     chunk_sums_.assign(slots, 0.0);
     sumsq_.assign(flat_.size(), 0.0);
+    plan_biases();
     return bytes;
   }
 
@@ -294,6 +295,22 @@ class AdamwStepPlan {
     }
   }
 
+  // The bias corrections at every tensor's count after this step, computed once for each run of
+  // tensors with the same group and count (nearly always one run per group): integer_power
+  // costs 0.1 to 0.4 us.
+  void plan_biases() {
+    biases_.resize(flat_.size());
+    for (size_t t = 0; t < flat_.size(); ++t) {
+      const FlatParam& f = flat_[t];
+      const float next = *f.step + 1.0f;  // the count finish_tensor makes
+      if (t > 0 && f.group == flat_[t - 1].group && next == *flat_[t - 1].step + 1.0f) {
+        biases_[t] = biases_[t - 1];
+      } else {
+        biases_[t] = adamw_bias(groups_.groups[f.group], next);
+      }
+    }
+  }
+
   double chunk_sumsq(const FlatParam& f, int64_t begin) const {
     const auto* data = static_cast<const char*>(f.run.grad) + begin * f.elem_size;
     return f.norm_kernels->sum_squares(data, std::min(kChunkElems, f.run.numel - begin));
@@ -318,7 +335,7 @@ class AdamwStepPlan {
     *f.step += 1.0f;
     TensorStep& s = steps_[t];
     s.step.group = groups_.groups[f.group];
-    s.step.step = static_cast<double>(*f.step);
+    s.step.bias = biases_[t];
     s.step.grad_scale = d.action == kScaleGrad ? d.factor * inv_scale_ : inv_scale_;
     s.step.maximize = maximize_;
     s.zero_grad = d.action == kZeroGrad;
@@ -345,6 +362,7 @@ class AdamwStepPlan {
   double* v_;
   int64_t* k_;
   const cpu::PowerTable powers_;  // read by the threads' state updates
+  std::vector<AdamwBias> biases_;
   std::vector<TensorStep> steps_;
   std::vector<double> chunk_sums_;
   std::vector<double> sumsq_;

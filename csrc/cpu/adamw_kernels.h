@@ -26,7 +26,7 @@ struct AdamwRun {
 // What a run's tensor takes this step.
 struct AdamwStep {
   AdamwGroup group;
-  double step;        // the tensor's step count, this step included
+  AdamwBias bias;     // at the tensor's step count, this step included
   double grad_scale;  // the stabilizer's factor times 1/loss scale
   bool maximize;
 };

@@ -6,12 +6,13 @@
 // NOTE: [CUDA AdamW]
 // The grads are the launcher's tensor list (multi_tensor.cuh); the pointers of the params,
 // moments and step counts, the group of each tensor and the groups' hyperparameters travel in
-// the same upload (ExtraUpload). Launch 1, adamw_norm_kernel, follows stabilize.cu's norm kernel
-// (NOTE: [fused norm and state update] there): float64 chunk sums in a fixed order, and the block
-// that completes a tensor adds them, counts the tensor's step and, for granularity "param", runs
-// stabilize_step (stabilize_math.h) on the norm over the loss scale; for "global" the block that
-// completes the last tensor decides for all. Launch 2, adamw_update_kernel, has the same grid:
-// each block reads its tensor's decision and step count, computes the AdamW constants and runs
+// the same upload (ExtraRegions). Launch 1 is norm_step.cuh's norm_kernel (NOTE: [fused norm and
+// state update] there): float64 chunk sums in a fixed order, and the block that completes a
+// tensor adds them, counts the tensor's step and stores its bias corrections (adamw_bias, with
+// the powers made by two lanes at once), and, for granularity "param", runs stabilize_step
+// (stabilize_math.h) on the norm over the loss scale; for "global" the block that completes the
+// last tensor decides for all. Launch 2, adamw_update_kernel, has the same grid: each block reads
+// its tensor's decision and bias corrections, computes the AdamW constants and runs
 // adamw_element (adamw_math.h, the very code of the CPU kernels) on its chunk of param, grad and
 // moments, 16-byte accesses where every one of them allows. found_inf is read on the device:
 // > 0 leaves everything (moments, weights, steps, statistics) as it was.
@@ -33,13 +34,14 @@
 #include "../stabilize_math.h"
 #include "kernel_utils.cuh"
 #include "multi_tensor.cuh"
+#include "norm_step.cuh"
 
 namespace gradstab {
 namespace cuda {
 namespace {
 
 // The AdamW metadata of the list, in the launcher's extra upload (one entry per tensor, then
-// one per param group).
+// one per param group), and the bias corrections the first launch writes into its extra scratch.
 struct AdamwTensors {
   void* const* param;
   void* const* exp_avg;
@@ -48,6 +50,7 @@ struct AdamwTensors {
   float* const* step;
   const int32_t* group;
   const AdamwGroup* groups;
+  AdamwBias* bias;  // [T], written by the first launch: at each tensor's new step count
 };
 
 // Byte offsets of those arrays in the extra upload.
@@ -65,143 +68,42 @@ struct AdamwLayout {
 AdamwLayout plan_adamw_layout(int64_t num_tensors, int64_t num_groups, bool amsgrad) {
   const size_t t = static_cast<size_t>(num_tensors);
   AdamwLayout l{};
-  size_t at = 0;
-  auto take = [&at](size_t bytes) {
-    const size_t start = at;
-    at = align16(at + bytes);
-    return start;
-  };
-  l.param = take(t * sizeof(void*));
-  l.exp_avg = take(t * sizeof(void*));
-  l.exp_avg_sq = take(t * sizeof(void*));
-  l.max_exp_avg_sq = take(amsgrad ? t * sizeof(void*) : 0);
-  l.step = take(t * sizeof(float*));
-  l.group = take(t * sizeof(int32_t));
-  l.groups = take(static_cast<size_t>(num_groups) * sizeof(AdamwGroup));
-  l.bytes = at;
+  RegionCursor cursor;
+  l.param = cursor.take(t * sizeof(void*));
+  l.exp_avg = cursor.take(t * sizeof(void*));
+  l.exp_avg_sq = cursor.take(t * sizeof(void*));
+  l.max_exp_avg_sq = cursor.take(amsgrad ? t * sizeof(void*) : 0);
+  l.step = cursor.take(t * sizeof(float*));
+  l.group = cursor.take(t * sizeof(int32_t));
+  l.groups = cursor.take(static_cast<size_t>(num_groups) * sizeof(AdamwGroup));
+  l.bytes = cursor.end();
   return l;
 }
 
-// Everything the kernels of one step read and write.
+// The kernel arguments of a step.
 struct AdamwArgs {
-  TensorListView list;  // the grads
+  NormStep norm;  // the grads, the stabilizer's state, found_inf and grad_scale
   AdamwTensors adam;
-  double* partial;        // [num_chunks]
-  double* sumsq;          // [T + 1]: per tensor, then the whole list (global norm only)
-  Decision* decision;     // [T], or [1] for the global norm
-  uint32_t* tensor_done;  // [T]
-  uint32_t* list_done;    // [1]
-  float* norms;           // [T], the op's result
-  double* m;
-  double* v;
-  int64_t* k;
-  const void* found_inf;  // nullptr when the op got none
-  int32_t found_inf_dtype;
-  const void* grad_scale;  // nullptr when the op got none
-  int32_t grad_scale_dtype;
-  bool global_norm;
-  bool update_state;  // false for nonfinite="raise": adamw_decide_kernel runs after the check
   bool maximize;
-  StabilizerConfig cfg;
+
+  // Counts tensor t's step and stores its bias corrections at the new count (NOTE: [CUDA
+  // AdamW]); by the 32 lanes of warp 0, lanes 0 and 1 computing the two powers.
+  __device__ void finish_tensor_step(int64_t t) const {
+    if (step_skipped(norm)) return;
+    float* step = adam.step[t];
+    const float next = *step + 1.0f;
+    const AdamwGroup& group = adam.groups[adam.group[t]];
+    const int lane = threadIdx.x % 32;
+    const double mine =
+        integer_power(lane == 0 ? group.beta1 : group.beta2, adamw_step_count(next));
+    const double beta1_pow = __shfl_sync(0xffffffffu, mine, 0);
+    const double beta2_pow = __shfl_sync(0xffffffffu, mine, 1);
+    if (lane == 0) {
+      *step = next;
+      adam.bias[t] = adamw_bias_from_powers(beta1_pow, beta2_pow);
+    }
+  }
 };
-
-__device__ bool step_skipped(const AdamwArgs& a) {
-  return a.found_inf != nullptr && read_as_double(a.found_inf, a.found_inf_dtype) > 0.0;
-}
-
-// 1 / loss scale rounded to float32, as GradScaler.unscale_ computes it.
-__device__ double inverse_scale(const AdamwArgs& a) {
-  if (a.grad_scale == nullptr) return 1.0;
-  return static_cast<double>(
-      static_cast<float>(1.0 / read_as_double(a.grad_scale, a.grad_scale_dtype)));
-}
-
-__device__ void count_step(const AdamwArgs& a, int64_t t) {
-  if (!step_skipped(a)) *a.adam.step[t] += 1.0f;
-}
-
-// The state update of one slot (a tensor, or the whole list) and the decision for its grads.
-__device__ void decide(const AdamwArgs& a, int64_t slot, double norm) {
-  const StepDecision d =
-      stabilize_step(norm, step_skipped(a), a.cfg, a.m + slot, a.v + slot, a.k + slot);
-  a.decision[slot] = Decision{d.factor, d.action, 0};
-}
-
-// Run by the block that wrote the last chunk sum of tensor t (the protocol of stabilize.cu's
-// finish_tensor); all threads of the block call it.
-__device__ void finish_tensor(const AdamwArgs& a, int64_t t, double* scratch) {
-  __shared__ bool finishes_list;
-  const int64_t first = a.list.first_chunk[t];
-  const double sumsq = sum_from_l2(a.partial + first, a.list.first_chunk[t + 1] - first, scratch);
-  if (threadIdx.x == 0) {
-    a.tensor_done[t] = 0;  // every chunk of t has counted: ready for the next replay of a graph
-    a.sumsq[t] = sumsq;
-    const double norm = sqrt(sumsq) * inverse_scale(a);
-    a.norms[t] = static_cast<float>(norm);
-    if (a.update_state) {
-      count_step(a, t);
-      if (!a.global_norm) decide(a, t, norm);
-    }
-    if (a.global_norm) {
-      __threadfence();
-      const uint32_t done = atomicAdd(a.list_done, 1u);
-      finishes_list = done == static_cast<uint32_t>(a.list.num_tensors - 1);
-      if (finishes_list) __threadfence();
-    }
-  }
-  if (!a.global_norm) return;
-  __syncthreads();
-  if (!finishes_list) return;
-  const double total = sum_from_l2(a.sumsq, a.list.num_tensors, scratch);
-  if (threadIdx.x == 0) {
-    *a.list_done = 0;
-    a.sumsq[a.list.num_tensors] = total;
-    if (a.update_state) decide(a, 0, sqrt(total) * inverse_scale(a));
-  }
-}
-
-__global__ void __launch_bounds__(kThreads) adamw_norm_kernel(const AdamwArgs a) {
-  __shared__ double scratch[kThreads / 32];
-  __shared__ bool finishes_tensor;
-  const ChunkRef ref = locate_chunk(a.list, blockIdx.x);
-  const void* base = a.list.data[ref.tensor];
-  double acc = 0.0;
-  if (ref.span.len > 0) {  // the one chunk of an empty tensor may have no data pointer
-    dispatch_dtype(a.list.dtype[ref.tensor], [&](auto* typed) {
-      using scalar_t = std::remove_pointer_t<decltype(typed)>;
-      const scalar_t* x = static_cast<const scalar_t*>(base) + ref.span.begin;
-      dispatch_alignment(x, [&](auto aligned) {
-        acc = thread_sum_squares<decltype(aligned)::value>(x, ref.span.len);
-      });
-    });
-  }
-  const double chunk_sumsq = block_sum(acc, scratch);
-  if (threadIdx.x == 0) {
-    a.partial[blockIdx.x] = chunk_sumsq;
-    __threadfence();
-    const int64_t chunks = a.list.first_chunk[ref.tensor + 1] - a.list.first_chunk[ref.tensor];
-    const uint32_t done = atomicAdd(a.tensor_done + ref.tensor, 1u);
-    finishes_tensor = done == static_cast<uint32_t>(chunks - 1);
-    if (finishes_tensor) __threadfence();  // acquire: the other blocks' slots before our reads
-  }
-  __syncthreads();
-  if (!finishes_tensor) return;
-  finish_tensor(a, ref.tensor, scratch);
-}
-
-// For nonfinite="raise": the step counts and state updates, once the host has seen that every
-// norm is finite. One thread per tensor.
-__global__ void adamw_decide_kernel(const AdamwArgs a) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= a.list.num_tensors) return;
-  count_step(a, t);
-  const double inv_scale = inverse_scale(a);
-  if (!a.global_norm) {
-    decide(a, t, sqrt(a.sumsq[t]) * inv_scale);
-  } else if (t == 0) {
-    decide(a, 0, sqrt(a.sumsq[a.list.num_tensors]) * inv_scale);
-  }
-}
 
 // One chunk of one param: its tensors advanced to the chunk's first element.
 template <typename scalar_t>
@@ -281,28 +183,29 @@ __device__ void adamw_chunk(const AdamwChunk<scalar_t>& x, int32_t len,
 
 template <bool kAmsgrad>
 __global__ void __launch_bounds__(kThreads, 2) adamw_update_kernel(const AdamwArgs a) {
-  const ChunkRef ref = locate_chunk(a.list, blockIdx.x);
-  if (ref.span.len == 0 || step_skipped(a)) return;
+  const NormStep& n = a.norm;
+  const ChunkRef ref = locate_chunk(n.list, blockIdx.x);
+  if (ref.span.len == 0 || step_skipped(n)) return;
   const int64_t t = ref.tensor;
-  const Decision d = a.decision[a.global_norm ? 0 : t];
-  const double grad_scale = (d.action == kScaleGrad ? d.factor : 1.0) * inverse_scale(a);
+  const Decision d = n.decision[n.global_norm ? 0 : t];
+  const double grad_scale = (d.action == kScaleGrad ? d.factor : 1.0) * inverse_scale(n);
   const AdamwGroup group = a.adam.groups[a.adam.group[t]];
-  const double step = static_cast<double>(*a.adam.step[t]);
+  const AdamwBias bias = a.adam.bias[t];
   const int64_t begin = ref.span.begin;
-  dispatch_dtype(a.list.dtype[t], [&](auto* typed) {
+  dispatch_dtype(n.list.dtype[t], [&](auto* typed) {
     using scalar_t = std::remove_pointer_t<decltype(typed)>;
     using opmath_t = typename AccType<scalar_t>::type;
     const AdamwConstants<opmath_t> c =
-        adamw_constants<opmath_t>(group, step, grad_scale, a.maximize);
+        adamw_constants<opmath_t>(group, bias, grad_scale, a.maximize);
     const AdamwChunk<scalar_t> x{
         static_cast<scalar_t*>(a.adam.param[t]) + begin,
-        d.action == kZeroGrad ? nullptr : static_cast<const scalar_t*>(a.list.data[t]) + begin,
+        d.action == kZeroGrad ? nullptr : static_cast<const scalar_t*>(n.list.data[t]) + begin,
         static_cast<scalar_t*>(a.adam.exp_avg[t]) + begin,
         static_cast<scalar_t*>(a.adam.exp_avg_sq[t]) + begin,
         kAmsgrad ? static_cast<scalar_t*>(a.adam.max_exp_avg_sq[t]) + begin : nullptr};
     __builtin_assume(__isGlobal(x.param));
     const bool aligned = is_vector_aligned(x.param) &&
-                         is_vector_aligned(static_cast<const scalar_t*>(a.list.data[t]) + begin) &&
+                         is_vector_aligned(static_cast<const scalar_t*>(n.list.data[t]) + begin) &&
                          is_vector_aligned(x.exp_avg) && is_vector_aligned(x.exp_avg_sq) &&
                          (!kAmsgrad || is_vector_aligned(x.max_exp_avg_sq));
     if (aligned) {
@@ -311,28 +214,6 @@ __global__ void __launch_bounds__(kThreads, 2) adamw_update_kernel(const AdamwAr
       adamw_chunk<false, kAmsgrad>(x, ref.span.len, c);
     }
   });
-}
-
-// A readable copy of a one-element floating tensor (float16, bfloat16, float32, float64).
-at::Tensor readable(const std::optional<at::Tensor>& t) {
-  if (!t.has_value()) return at::Tensor();
-  const auto dtype = t->scalar_type();
-  const bool ok =
-      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
-  return ok ? *t : t->to(at::kFloat);
-}
-
-// nonfinite="raise": reads the sums of squares (one sync) and raises before anything changes.
-void raise_if_nonfinite(const ChunkedList& list, const at::Tensor& found_inf, bool global_norm) {
-  const int64_t num_tensors = list.num_tensors();
-  const at::Tensor sums =
-      list.region_tensor(list.layout().sumsq, num_tensors + 1, at::kDouble).cpu();
-  if (found_inf.defined() && found_inf.item<double>() > 0.0) return;
-  const double* s = sums.const_data_ptr<double>();
-  std::vector<double> values(s, s + num_tensors);
-  bool bad = global_norm && !std::isfinite(s[num_tensors]);
-  for (double x : values) bad = bad || !std::isfinite(x);
-  TORCH_CHECK(!bad, nonfinite_message(values));
 }
 
 at::Tensor stabilized_adamw_cuda(
@@ -356,13 +237,11 @@ at::Tensor stabilized_adamw_cuda(
   const c10::cuda::CUDAGuard device_guard(device);
   release_retired_buffers();
 
-  at::Tensor norms = at::empty({num_tensors}, m.options().dtype(at::kFloat));
+  at::Tensor norms = at::empty({num_tensors}, m.options());
   if (num_tensors == 0) return norms;
   const bool raise = cfg.nonfinite == kNonfiniteRaise;
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
-  TORCH_CHECK(!(raise && is_capturing(stream.stream())), kAdamwOp,
-              ": nonfinite='raise' reads the norms on the host and cannot be captured in a CUDA "
-              "graph; use 'zero' or 'skip'");
+  check_raise_not_captured(kAdamwOp, raise, stream.stream());
 
   // Tensors not laid out as one dense block like their param go through copies.
   Copies copies;
@@ -380,8 +259,8 @@ at::Tensor stabilized_adamw_cuda(
     flat_exp_avg_sqs.push_back(laid_out_like(exp_avg_sqs[t], param, true, copies));
     if (amsgrad) flat_max.push_back(laid_out_like(max_exp_avg_sqs[t], param, true, copies));
   }
-  const at::Tensor found_inf_value = readable(found_inf);
-  const at::Tensor grad_scale_value = readable(grad_scale);
+  const at::Tensor found_inf_value = readable_scalar(found_inf);
+  const at::Tensor grad_scale_value = readable_scalar(grad_scale);
 
   const int64_t num_groups = static_cast<int64_t>(groups.groups.size());
   const AdamwLayout adam_layout = plan_adamw_layout(num_tensors, num_groups, amsgrad);
@@ -401,54 +280,32 @@ at::Tensor stabilized_adamw_cuda(
     std::memcpy(host + adam_layout.groups, groups.groups.data(),
                 groups.groups.size() * sizeof(AdamwGroup));
   };
-  ChunkedList list(flat_grads, stream, ExtraUpload{adam_layout.bytes, fill});
+  ChunkedList list(flat_grads, stream,
+                   ExtraRegions{adam_layout.bytes, fill, num_tensors * sizeof(AdamwBias)});
   const ListLayout& layout = list.layout();
+  auto uploaded = [&](size_t offset) { return layout.extra_upload + offset; };
 
   AdamwArgs args{};
-  args.list = list.view();
-  args.adam.param = list.region<void* const>(layout.extra + adam_layout.param);
-  args.adam.exp_avg = list.region<void* const>(layout.extra + adam_layout.exp_avg);
-  args.adam.exp_avg_sq = list.region<void* const>(layout.extra + adam_layout.exp_avg_sq);
+  args.norm = make_norm_step(list, norms, m, v, k, found_inf_value, grad_scale_value, global_norm,
+                             raise, cfg);
+  args.adam.param = list.region<void* const>(uploaded(adam_layout.param));
+  args.adam.exp_avg = list.region<void* const>(uploaded(adam_layout.exp_avg));
+  args.adam.exp_avg_sq = list.region<void* const>(uploaded(adam_layout.exp_avg_sq));
   args.adam.max_exp_avg_sq =
-      amsgrad ? list.region<void* const>(layout.extra + adam_layout.max_exp_avg_sq) : nullptr;
-  args.adam.step = list.region<float* const>(layout.extra + adam_layout.step);
-  args.adam.group = list.region<const int32_t>(layout.extra + adam_layout.group);
-  args.adam.groups = list.region<const AdamwGroup>(layout.extra + adam_layout.groups);
-  args.partial = list.region<double>(layout.partial);
-  args.sumsq = list.region<double>(layout.sumsq);
-  args.decision = list.region<Decision>(layout.decision);
-  args.tensor_done = list.region<uint32_t>(layout.tensor_done);
-  args.list_done = list.region<uint32_t>(layout.list_done);
-  args.norms = norms.data_ptr<float>();
-  args.m = m.data_ptr<double>();
-  args.v = v.data_ptr<double>();
-  args.k = k.data_ptr<int64_t>();
-  args.found_inf = found_inf_value.defined() ? found_inf_value.const_data_ptr() : nullptr;
-  args.found_inf_dtype =
-      found_inf_value.defined() ? dtype_code(found_inf_value.scalar_type()) : kCodeFloat;
-  args.grad_scale = grad_scale_value.defined() ? grad_scale_value.const_data_ptr() : nullptr;
-  args.grad_scale_dtype =
-      grad_scale_value.defined() ? dtype_code(grad_scale_value.scalar_type()) : kCodeFloat;
-  args.global_norm = global_norm;
-  args.update_state = !raise;
+      amsgrad ? list.region<void* const>(uploaded(adam_layout.max_exp_avg_sq)) : nullptr;
+  args.adam.step = list.region<float* const>(uploaded(adam_layout.step));
+  args.adam.group = list.region<const int32_t>(uploaded(adam_layout.group));
+  args.adam.groups = list.region<const AdamwGroup>(uploaded(adam_layout.groups));
+  args.adam.bias = list.region<AdamwBias>(layout.extra_scratch);
   args.maximize = maximize;
-  args.cfg = cfg;
 
-  const dim3 grid(static_cast<unsigned int>(list.num_chunks()));
-  adamw_norm_kernel<<<grid, kThreads, 0, stream.stream()>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (raise) {
-    raise_if_nonfinite(list, found_inf_value, global_norm);
-    const dim3 decide_grid(static_cast<unsigned int>((num_tensors + kThreads - 1) / kThreads));
-    adamw_decide_kernel<<<decide_grid, kThreads, 0, stream.stream()>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (amsgrad) {
-    adamw_update_kernel<true><<<grid, kThreads, 0, stream.stream()>>>(args);
-  } else {
-    adamw_update_kernel<false><<<grid, kThreads, 0, stream.stream()>>>(args);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_step(args, list, stream.stream(), raise, found_inf_value, [&](dim3 grid) {
+    if (amsgrad) {
+      adamw_update_kernel<true><<<grid, kThreads, 0, stream.stream()>>>(args);
+    } else {
+      adamw_update_kernel<false><<<grid, kThreads, 0, stream.stream()>>>(args);
+    }
+  });
 
   for (const auto& [original, copy] : copies.written) original.copy_(copy);
   list.finish();

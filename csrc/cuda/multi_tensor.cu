@@ -88,7 +88,7 @@ bool is_capturing(cudaStream_t stream) {
 }
 
 ChunkedList::ChunkedList(const std::vector<at::Tensor>& tensors, c10::cuda::CUDAStream stream,
-                         ExtraUpload extra)
+                         ExtraRegions extra)
     : num_tensors_(static_cast<int64_t>(tensors.size())),
       stream_(stream),
       extra_(std::move(extra)) {
@@ -100,7 +100,7 @@ ChunkedList::ChunkedList(const std::vector<at::Tensor>& tensors, c10::cuda::CUDA
   num_chunks_ = first_chunk_[num_tensors_];
   TORCH_CHECK(num_chunks_ <= kMaxChunks, "gradstab: the gradients hold ", num_chunks_,
               " chunks of ", kChunkElems, " elements; one call takes at most ", kMaxChunks);
-  layout_ = plan_layout(num_tensors_, num_chunks_, extra_.bytes);
+  layout_ = plan_layout(num_tensors_, num_chunks_, extra_.upload_bytes, extra_.scratch_bytes);
   capturing_ = is_capturing(stream_.stream());
   const auto bytes = static_cast<int64_t>(layout_.total_bytes);
   const auto options = at::TensorOptions().dtype(at::kByte).device(stream_.device());
@@ -145,7 +145,7 @@ void ChunkedList::stage(uint8_t* host, const std::vector<at::Tensor>& tensors) c
     numel[t] = tensors[t].numel();
     dtype[t] = dtype_code(tensors[t].scalar_type());
   }
-  if (extra_.bytes > 0) extra_.fill(host + layout_.extra);
+  if (extra_.upload_bytes > 0) extra_.fill(host + layout_.extra_upload);
 }
 
 TensorListView ChunkedList::view() const {

@@ -67,11 +67,13 @@ __device__ inline ChunkRef locate_chunk(const TensorListView& list, int64_t chun
 
 DtypeCode dtype_code(at::ScalarType dtype);
 
-// Metadata of the caller's own that travels in the same upload: `bytes` at layout().extra,
-// written on the host by `fill` (into zeroed memory).
-struct ExtraUpload {
-  size_t bytes = 0;
+// Regions of the caller's own in the same buffer: `upload_bytes` of metadata at
+// layout().extra_upload, written on the host by `fill` (into zeroed memory) and uploaded with the
+// list's, and `scratch_bytes` at layout().extra_scratch for its kernels to write.
+struct ExtraRegions {
+  size_t upload_bytes = 0;
   std::function<void(uint8_t* host)> fill;
+  size_t scratch_bytes = 0;
 };
 
 // A list of non-overlapping-and-dense tensors on one CUDA device, chunked, with its metadata
@@ -80,7 +82,7 @@ struct ExtraUpload {
 class ChunkedList {
  public:
   ChunkedList(const std::vector<at::Tensor>& tensors, c10::cuda::CUDAStream stream,
-              ExtraUpload extra = {});
+              ExtraRegions extra = {});
 
   int64_t num_tensors() const { return num_tensors_; }
   int64_t num_chunks() const { return num_chunks_; }
@@ -107,7 +109,7 @@ class ChunkedList {
   ListLayout layout_;
   bool capturing_;
   c10::cuda::CUDAStream stream_;
-  ExtraUpload extra_;
+  ExtraRegions extra_;
   at::Tensor buffer_;
 };
 

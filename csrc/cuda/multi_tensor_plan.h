@@ -104,17 +104,18 @@ GRADSTAB_HOST_DEVICE inline bool is_vector_aligned(const void* ptr) {
 // from the host before the kernels run (tensor metadata, and zeroed counters); the rest is
 // written by the kernels. Every region starts on a 16-byte boundary.
 struct ListLayout {
-  size_t first_chunk;  // int64_t[T + 1]
-  size_t data;         // void*[T]
-  size_t numel;        // int64_t[T]
-  size_t dtype;        // uint8_t[T] (DtypeCode)
-  size_t tensor_done;  // uint32_t[T]: chunks of tensor t whose partial sum is written
-  size_t list_done;    // uint32_t[1]: tensors whose sum of squares is written
-  size_t extra;        // the caller's own metadata (extra_upload_bytes of plan_layout)
+  size_t first_chunk;   // int64_t[T + 1]
+  size_t data;          // void*[T]
+  size_t numel;         // int64_t[T]
+  size_t dtype;         // uint8_t[T] (DtypeCode)
+  size_t tensor_done;   // uint32_t[T]: chunks of tensor t whose partial sum is written
+  size_t list_done;     // uint32_t[1]: tensors whose sum of squares is written
+  size_t extra_upload;  // the caller's own metadata (extra_upload_bytes of plan_layout)
   size_t upload_bytes;
-  size_t partial;   // double[num_chunks]: sum of squares of each chunk
-  size_t sumsq;     // double[T + 1]: of each tensor, then of the whole list
-  size_t decision;  // Decision[T] (Decision[1] for the global norm)
+  size_t partial;        // double[num_chunks]: sum of squares of each chunk
+  size_t sumsq;          // double[T + 1]: of each tensor, then of the whole list
+  size_t decision;       // Decision[T] (Decision[1] for the global norm)
+  size_t extra_scratch;  // the caller's own results (extra_scratch_bytes of plan_layout)
   size_t total_bytes;
 };
 
@@ -129,28 +130,39 @@ GRADSTAB_HOST_DEVICE inline size_t align16(size_t n) {
   return (n + 15) / 16 * 16;
 }
 
+// Places regions one after another in a buffer, each on a 16-byte boundary.
+class RegionCursor {
+ public:
+  // The offset of a new region of `bytes` bytes.
+  size_t take(size_t bytes) {
+    const size_t start = end_;
+    end_ = align16(end_ + bytes);
+    return start;
+  }
+  size_t end() const { return end_; }
+
+ private:
+  size_t end_ = 0;
+};
+
 inline ListLayout plan_layout(int64_t num_tensors, int64_t num_chunks,
-                              size_t extra_upload_bytes = 0) {
+                              size_t extra_upload_bytes = 0, size_t extra_scratch_bytes = 0) {
   const size_t t = static_cast<size_t>(num_tensors);
   ListLayout l{};
-  size_t at = 0;
-  auto take = [&at](size_t bytes) {
-    const size_t start = at;
-    at = align16(at + bytes);
-    return start;
-  };
-  l.first_chunk = take((t + 1) * sizeof(int64_t));
-  l.data = take(t * sizeof(void*));
-  l.numel = take(t * sizeof(int64_t));
-  l.dtype = take(t * sizeof(uint8_t));
-  l.tensor_done = take(t * sizeof(uint32_t));
-  l.list_done = take(sizeof(uint32_t));
-  l.extra = take(extra_upload_bytes);
-  l.upload_bytes = at;
-  l.partial = take(static_cast<size_t>(num_chunks) * sizeof(double));
-  l.sumsq = take((t + 1) * sizeof(double));
-  l.decision = take(t * sizeof(Decision));
-  l.total_bytes = at;
+  RegionCursor cursor;
+  l.first_chunk = cursor.take((t + 1) * sizeof(int64_t));
+  l.data = cursor.take(t * sizeof(void*));
+  l.numel = cursor.take(t * sizeof(int64_t));
+  l.dtype = cursor.take(t * sizeof(uint8_t));
+  l.tensor_done = cursor.take(t * sizeof(uint32_t));
+  l.list_done = cursor.take(sizeof(uint32_t));
+  l.extra_upload = cursor.take(extra_upload_bytes);
+  l.upload_bytes = cursor.end();
+  l.partial = cursor.take(static_cast<size_t>(num_chunks) * sizeof(double));
+  l.sumsq = cursor.take((t + 1) * sizeof(double));
+  l.decision = cursor.take(t * sizeof(Decision));
+  l.extra_scratch = cursor.take(extra_scratch_bytes);
+  l.total_bytes = cursor.end();
   return l;
 }
 
