@@ -1,4 +1,5 @@
-"""Command line: ``python -m gradstab demo | bench | info`` (also installed as ``gradstab``)."""
+"""Command line: ``python -m gradstab demo | bench | info | experiment`` (also installed as
+``gradstab``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 USAGE = """\
-usage: python -m gradstab {demo,bench,info} [options]
+usage: python -m gradstab {demo,bench,info,experiment} [options]
 
   demo   train a small language model four ways (no protection, clip_grad_norm_,
          GradientStabilizer, GradientStabilizer(spike_guard=10)) with injected gradient
@@ -17,6 +18,10 @@ usage: python -m gradstab {demo,bench,info} [options]
          (python -m gradstab demo --help)
   bench  benchmark the implementations side by side (python -m gradstab bench --help)
   info   versions, the backend GradientStabilizer would use, build flags, CUDA, threads
+  experiment NAME
+         the stability benchmark of docs/evidence.md: a small GPT trained with no protection,
+         clip_grad_norm_, ZClip, GradientStabilizer and StabilizedAdamW over learning-rate and
+         weight-decay grids (python -m gradstab experiment --help)
 """
 
 
@@ -75,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo.main(rest)
     if command == "bench":
         return bench(rest)
+    if command == "experiment":
+        from gradstab import experiment
+
+        return experiment.main(rest)
     if command == "info":
         argparse.ArgumentParser(
             prog="python -m gradstab info", description=info.__doc__
