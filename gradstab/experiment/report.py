@@ -340,18 +340,21 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
     ]
 
 
-def plot_traces(records: Records, out: Path, title: str) -> None:
-    """Per run (one panel per learning rate, one line per method): the training loss (10-step
-    median) above and the gradient norm before protection below, every step."""
+def plot_traces(records: Records, out: Path, title: str, columns: int = 3) -> None:
+    """Per learning rate, one line per method: the training loss (10-step median) above and the
+    gradient norm before protection below, every step; ``columns`` learning rates a row."""
     plt = _pyplot()
     lrs = grid(records, "lr")
-    fig, axes = plt.subplots(2, len(lrs), figsize=(4.2 * len(lrs), 6.4), dpi=80, squeeze=False)
-    for col, lr in enumerate(lrs):
-        top, bottom = axes[0][col], axes[1][col]
+    cols = min(columns, len(lrs))
+    rows = -(-len(lrs) // cols)
+    fig, axes = plt.subplots(
+        2 * rows, cols, figsize=(4.4 * cols, 5.4 * rows), dpi=80, squeeze=False
+    )
+    for i, lr in enumerate(lrs):
+        top, bottom = axes[2 * (i // cols)][i % cols], axes[2 * (i // cols) + 1][i % cols]
         for r in sorted(select(records, lr=lr), key=lambda r: list(METHODS).index(r["method"])):
             train = as_floats(r["train_loss"])
-            color = COLORS[r["method"]]
-            style = STYLES.get(r["method"], "-")
+            color, style = COLORS[r["method"]], STYLES.get(r["method"], "-")
             top.plot(
                 _smooth(train, metrics.BLOW_UP_WINDOW),
                 color=color,
@@ -362,12 +365,15 @@ def plot_traces(records: Records, out: Path, title: str) -> None:
             bottom.plot(as_floats(r["grad_norm"]), color=color, ls=style, lw=0.6, alpha=0.8)
         top.set_title(f"{title}, lr {_lr(lr)}", fontsize=9)
         top.set_ylim(0, UNIFORM_LOSS + 1)
-        top.set_ylabel("training loss, 10-step median", fontsize=8)
+        top.set_ylabel("training loss, 10-step median (axis ends at 6.5)", fontsize=8)
         bottom.set_yscale("log")
         bottom.set_ylabel("gradient norm before protection", fontsize=8)
         bottom.set_xlabel("step", fontsize=8)
         for ax in (top, bottom):
             ax.tick_params(labelsize=7)
+    for i in range(len(lrs), rows * cols):
+        axes[2 * (i // cols)][i % cols].set_visible(False)
+        axes[2 * (i // cols) + 1][i % cols].set_visible(False)
     axes[0][0].legend(fontsize=7, loc="upper right")
     _save(plt, fig, out)
 
