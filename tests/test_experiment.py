@@ -8,9 +8,11 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from gradstab import __main__ as cli
 from gradstab.experiment import cli as experiment_cli
 from gradstab.experiment import data, report, runner
 from gradstab.experiment.model import GPT, GPTConfig
+from tests.test_demo import ROOT
 from tests.test_demo import run_cli as run_gradstab
 
 QUICK = runner.QUICK["cpu"]
@@ -411,6 +414,31 @@ def test_grid_tables_have_a_row_per_method_and_a_column_per_point():
     assert "| GradientStabilizer() | 4 | 4 |" in report.norm_table(records, "lr", label)
 
 
+def test_weight_decay_spreads_of_the_medians_and_of_each_seed():
+    finals = {(0.0, 0): 3.0, (1.0, 0): 2.5, (0.0, 1): 2.8, (1.0, 1): 2.7, (0.0, 2): 2.9}
+    records = [record("none", 0.3, s, x, wd=wd) for (wd, s), x in finals.items()]
+    records.append(record("none", 0.3, 2, None, wd=1.0, diverged=True))
+    table = report.wd_spread_table(records)
+    # medians: wd 0 -> 2.9, wd 1 -> 2.7 (2.5, 2.7, 5.545); per seed: 0.5, 0.1, 5.545 - 2.9
+    assert "| spread of each seed (seed 0, seed 1, seed 2) |" in table
+    per_seed = [0.5, 0.1, data.UNIFORM_LOSS - 2.9]
+    row = ", ".join(f"{x:.3f}" for x in per_seed)
+    assert f"| no protection | 0.200 | {row} | {sum(per_seed) / 3:.3f} |" in table
+
+
+def test_the_twin_table_measures_how_far_rounding_moves_a_run():
+    records = [
+        record("stab", 0.1, 0, 2.00),
+        record("stab", 0.1, 1, 2.10),
+        record("sadamw", 0.1, 0, 2.03),
+        record("sadamw", 0.1, 1, 2.05),
+        record("stab", 1.0, 0, 3.0),
+        record("sadamw", 1.0, 0, 3.0),
+    ]
+    table = report.twin_table(records, "lr", lambda x: f"lr {x:g}")
+    assert table.splitlines()[-1] == "| max over seeds | 0.050 | 0.000 |"
+
+
 # ------------------------------------------------------------------------------------------------
 # the command line
 
@@ -485,6 +513,18 @@ def test_the_gpu_preset_without_a_gpu_says_how_to_run_it(capsys):
     with pytest.raises(SystemExit):
         experiment_cli.parse(["lr-sweep", "--preset", "gpu"])
     assert "--device cpu runs the preset on the CPU" in capsys.readouterr().err
+
+
+def test_the_wheel_carries_the_experiment(tmp_path):
+    """``python -m gradstab experiment`` must work from a plain install, not only a checkout."""
+    env = {**os.environ, "GRADSTAB_NO_EXTENSION": "1"}
+    command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-build-isolation"]
+    command += ["--no-deps", "-w", str(tmp_path), str(ROOT)]
+    subprocess.run(command, check=True, env=env, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("gradstab-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = {f"gradstab/experiment/{p.name}" for p in (ROOT / "gradstab/experiment").glob("*.py")}
+    assert "gradstab/experiment/__init__.py" in modules and modules <= names
 
 
 def test_the_main_command_lists_and_dispatches_experiment(monkeypatch, capsys):

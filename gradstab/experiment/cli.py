@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from gradstab.experiment import metrics, report, runner
+from gradstab.experiment import report, runner
 from gradstab.experiment.data import UNIFORM_LOSS, load_corpus
 from gradstab.experiment.model import GPT
 from gradstab.experiment.runner import METHODS, Preset, RunStore
@@ -80,12 +80,27 @@ class Session:
                     "Gradient-norm max/median of a run: median over seeds",
                     report.norm_table(records, "lr", lambda x: f"lr {lr(x)}"),
                 ),
+                *self.twin_section(records, "lr", lambda x: f"lr {lr(x)}"),
             ],
         )
         self.plot(report.plot_lr_sweep, records, "lr-sweep")
         first_seed = [r for r in records if r["seed"] == min(self.preset.seeds)]
         self.plot(report.plot_traces, first_seed, "lr-sweep-traces", "lr sweep")
         return records
+
+    @staticmethod
+    def twin_section(
+        records: Sequence[dict], field: str, label: Callable[[float], str]
+    ) -> list[tuple[str, str]]:
+        if not {"sadamw", "stab"} <= {r["method"] for r in records}:
+            return []
+        return [
+            (
+                "Rounding alone: |StabilizedAdamW - GradientStabilizer()| final loss, paired "
+                "(the same update computed two ways)",
+                report.twin_table(records, field, label),
+            )
+        ]
 
     def chosen_lr(self) -> float:
         if self.lrs:
@@ -109,10 +124,6 @@ class Session:
 
     def wd_sweep(self, lr: float) -> list[dict]:
         records = self.run(runner.wd_sweep_specs(self.preset, lr))
-        spreads = [
-            [METHODS[m], f"{metrics.spread(report.medians_by(records, m, 'wd')):.3f}"]
-            for m in report.methods_of(records)
-        ]
         self.write(
             "wd-sweep",
             [
@@ -121,8 +132,8 @@ class Session:
                     report.by_grid_table(records, "wd", lambda x: f"wd {x:g}"),
                 ),
                 (
-                    "Weight-decay sensitivity (spread of the medians)",
-                    report._table(["method", "max - min over the grid"], spreads),
+                    "Weight-decay sensitivity: max - min of the final losses over the grid",
+                    report.wd_spread_table(records),
                 ),
                 (
                     "Runs that diverged or blew up, of all seeds (d: diverged)",
@@ -132,6 +143,7 @@ class Session:
                     "Paired gap to no protection (nats/byte): median over seeds, W-T-L",
                     report.paired_table(records, "wd", lambda x: f"wd {x:g}"),
                 ),
+                *self.twin_section(records, "wd", lambda x: f"wd {x:g}"),
             ],
         )
         self.plot(report.plot_wd_sweep, records, "wd-sweep")

@@ -95,15 +95,22 @@ def instability_table(records: Records, field: str, label: Callable[[float], str
 
 
 def paired(records: Records, method: str, **fields: object) -> metrics.PairedGaps:
-    """Gaps of ``method`` to no protection over the runs matching ``fields``, paired by
+    """Gaps of ``method`` to no protection over the runs matching ``fields``."""
+    return paired_between(records, method, "none", **fields)
+
+
+def paired_between(
+    records: Records, method: str, base: str, **fields: object
+) -> metrics.PairedGaps:
+    """Gaps of ``method`` to ``base`` over the runs matching ``fields``, paired by
     (lr, wd, seed, steps, precision)."""
 
     def pair_key(r: dict) -> tuple:
         return (r["lr"], r["wd"], r["seed"], r["steps"], r["precision"])
 
-    base = {pair_key(r): r for r in select(records, method="none", **fields)}
-    mine = [r for r in select(records, method=method, **fields) if pair_key(r) in base]
-    return metrics.paired_gaps(finals(mine), finals([base[pair_key(r)] for r in mine]))
+    baseline = {pair_key(r): r for r in select(records, method=base, **fields)}
+    mine = [r for r in select(records, method=method, **fields) if pair_key(r) in baseline]
+    return metrics.paired_gaps(finals(mine), finals([baseline[pair_key(r)] for r in mine]))
 
 
 def paired_table(records: Records, field: str, label: Callable[[float], str]) -> str:
@@ -120,6 +127,50 @@ def paired_table(records: Records, field: str, label: Callable[[float], str]) ->
         total = paired(records, m)
         rows.append([METHODS[m], *cells, f"{_gap(total.median)} {total.record()}"])
     return _table(["method", *(label(x) for x in points), "all"], rows)
+
+
+def twin_table(records: Records, field: str, label: Callable[[float], str]) -> str:
+    """StabilizedAdamW and GradientStabilizer() + AdamW compute the same update up to float
+    rounding: per grid value, the largest |difference| of their capped final losses over the
+    seeds, a measure of how far rounding alone moves a run (the noise floor of every gap)."""
+    points = grid(records, field)
+    cells = []
+    for x in points:
+        gaps = paired_between(records, "sadamw", "stab", **{field: x})
+        cells.append(f"{max((abs(g) for g in gaps.gaps), default=math.nan):.3f}")
+    return _table(["", *(label(x) for x in points)], [["max over seeds", *cells]])
+
+
+def wd_spread_table(records: Records) -> str:
+    """Weight-decay sensitivity: the spread of the medians over the grid, and the spread of
+    each seed's own runs (same initial weights and batches at every weight decay)."""
+    seeds = grid(records, "seed")
+    rows = []
+    for m in methods_of(records):
+        per_seed = [
+            metrics.spread(
+                {
+                    r["wd"]: as_floats([r["final_loss"]])[0]
+                    for r in select(records, method=m, seed=s)
+                }
+            )
+            for s in seeds
+        ]
+        rows.append(
+            [
+                METHODS[m],
+                f"{metrics.spread(medians_by(records, m, 'wd')):.3f}",
+                ", ".join(f"{x:.3f}" for x in per_seed),
+                f"{statistics.fmean(per_seed):.3f}",
+            ]
+        )
+    header = [
+        "method",
+        "spread of the medians",
+        "spread of each seed (" + ", ".join(f"seed {s}" for s in seeds) + ")",
+        "mean of the seeds'",
+    ]
+    return _table(header, rows)
 
 
 def norm_table(records: Records, field: str, label: Callable[[float], str]) -> str:
@@ -251,15 +302,16 @@ def _pyplot():
     return plt
 
 
-def _baselines(ax, unigram: float) -> None:
-    for y, name in ((UNIFORM_LOSS, "uniform (ln 256)"), (unigram, "unigram")):
+def _baselines(ax, unigram: float, uniform: bool) -> None:
+    lines = [(UNIFORM_LOSS, "uniform (ln 256)")] if uniform else []
+    for y, name in [*lines, (unigram, "unigram")]:
         ax.axhline(y, color="gray", ls="--", lw=0.8)
         ax.text(
             0.01, y, name, transform=ax.get_yaxis_transform(), fontsize=7, color="gray", va="bottom"
         )
 
 
-def _loss_vs(ax, records: Records, field: str, xs: Callable[[float], float]) -> None:
+def _loss_vs(ax, records: Records, field: str, xs: Callable[[float], float], uniform: bool) -> None:
     """Median capped final loss against ``field`` per method, with the seeds' range."""
     methods = methods_of(records)
     points = grid(records, field)
@@ -283,16 +335,15 @@ def _loss_vs(ax, records: Records, field: str, xs: Callable[[float], float]) -> 
             capsize=2,
             label=METHODS[m],
         )
-    _baselines(ax, records[0]["unigram_loss"])
+    _baselines(ax, records[0]["unigram_loss"], uniform)
     ax.set_ylabel("final held-out loss (nats/byte)", fontsize=8)
-    ax.set_ylim(top=UNIFORM_LOSS + 0.25)
 
 
 def plot_lr_sweep(records: Records, out: Path) -> None:
     """Final loss against the learning rate, and each run's max/median gradient norm."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=80)
-    _loss_vs(left, records, "lr", lambda x: x)
+    _loss_vs(left, records, "lr", lambda x: x, uniform=True)
     left.set_xscale("log")
     left.set_xlabel("peak learning rate (AdamW)", fontsize=8)
     seeds = len(grid(records, "seed"))
@@ -300,7 +351,8 @@ def plot_lr_sweep(records: Records, out: Path) -> None:
         f"final held-out loss: median and range of {seeds} seed(s); diverged runs count as ln 256",
         fontsize=9,
     )
-    left.legend(fontsize=7, loc="lower left")
+    left.set_ylim(top=UNIFORM_LOSS + 0.25)
+    left.legend(fontsize=7, loc="upper left")
     for m in methods_of(records):
         for r in select(records, method=m):
             ratio = metrics.norm_summary(as_floats(r["grad_norm"])).ratio
@@ -320,13 +372,15 @@ def plot_wd_sweep(records: Records, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.4), dpi=80)
     points = grid(records, "wd")
     position = {x: i for i, x in enumerate(points)}
-    _loss_vs(ax, records, "wd", lambda x: 10.0 ** position[x])
+    worst = max(metrics.capped(x) for x in finals(records))
+    _loss_vs(ax, records, "wd", lambda x: 10.0 ** position[x], uniform=worst > UNIFORM_LOSS - 0.5)
     ax.set_xscale("log")
     ax.set_xticks([10.0**i for i in range(len(points))], [f"{x:g}" for x in points])
     ax.minorticks_off()
+    ax.set_ylim(top=max(worst, records[0]["unigram_loss"]) + 0.1)
     ax.set_xlabel("weight decay", fontsize=8)
     ax.set_title(f"weight-decay sweep at lr {_lr(records[0]['lr'])}", fontsize=9)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper right")
     ax.tick_params(labelsize=7)
     _save(plt, fig, out)
 
