@@ -60,7 +60,7 @@ class Session:
 
     def lr_sweep(self) -> list[dict]:
         records = self.run(runner.lr_sweep_specs(self.preset, lrs=self.lrs))
-        lr = report._lr
+        lr = report.lr_label
         self.write(
             "lr-sweep",
             [

@@ -47,7 +47,8 @@ def _gap(x: float) -> str:
     return f"{x:+.3f}" if math.isfinite(x) else "-"
 
 
-def _lr(x: float) -> str:
+def lr_label(x: float) -> str:
+    """A learning rate for a table or a title: two significant digits."""
     return f"{x:.2g}"
 
 
@@ -199,7 +200,7 @@ def stable_range_text(records: Records, method: str) -> str:
         return "none"
     low, high = found
     points = sum(low <= lr <= high for lr in by_lr)
-    return f"{_lr(low)}-{_lr(high)} ({points})"
+    return f"{lr_label(low)}-{lr_label(high)} ({points})"
 
 
 def medians_by(records: Records, method: str, field: str) -> dict[float, float]:
@@ -231,7 +232,7 @@ def headline_table(lr_records: Records, wd_records: Records | None = None) -> st
         gaps = paired(lr_records, m)
         row = [
             METHODS[m],
-            f"{_loss(by_lr[best_lr])} ({_lr(best_lr)})",
+            f"{_loss(by_lr[best_lr])} ({lr_label(best_lr)})",
             stable_range_text(lr_records, m),
             f"{sum(r['diverged'] for r in runs)}/{len(runs)}",
             f"{sum(r['blow_up_step'] is not None for r in runs)}/{len(runs)}",
@@ -252,7 +253,7 @@ def long_table(records: Records) -> str:
         final, best = as_floats([r["final_loss"], r["best_loss"]])
         rows.append(
             [
-                _lr(r["lr"]),
+                lr_label(r["lr"]),
                 METHODS[r["method"]],
                 _loss(final),
                 _loss(best),
@@ -379,7 +380,7 @@ def plot_wd_sweep(records: Records, out: Path) -> None:
     ax.minorticks_off()
     ax.set_ylim(top=max(worst, records[0]["unigram_loss"]) + 0.1)
     ax.set_xlabel("weight decay", fontsize=8)
-    ax.set_title(f"weight-decay sweep at lr {_lr(records[0]['lr'])}", fontsize=9)
+    ax.set_title(f"weight-decay sweep at lr {lr_label(records[0]['lr'])}", fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     ax.tick_params(labelsize=7)
     _save(plt, fig, out)
@@ -417,7 +418,7 @@ def plot_traces(records: Records, out: Path, title: str, columns: int = 3) -> No
                 label=METHODS[r["method"]],
             )
             bottom.plot(as_floats(r["grad_norm"]), color=color, ls=style, lw=0.6, alpha=0.8)
-        top.set_title(f"{title}, lr {_lr(lr)}", fontsize=9)
+        top.set_title(f"{title}, lr {lr_label(lr)}", fontsize=9)
         top.set_ylim(0, UNIFORM_LOSS + 1)
         top.set_ylabel("training loss, 10-step median (axis ends at 6.5)", fontsize=8)
         bottom.set_yscale("log")

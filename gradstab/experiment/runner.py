@@ -221,7 +221,7 @@ def make_protection(
 ) -> Callable[[Tensor], None]:
     """What runs between unscaling the gradients and the optimizer's step, given their total
     norm (a 0-d tensor on the device)."""
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     if method in ("none", "sadamw"):  # StabilizedAdamW stabilizes inside its step
         return lambda norm: None
     if method == "clip":
