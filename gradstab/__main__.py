@@ -1,5 +1,5 @@
-"""Command line: ``python -m gradstab demo | bench | info | check`` (also installed as
-``gradstab``)."""
+"""Command line: ``python -m gradstab demo | bench | info | check | experiment`` (also
+installed as ``gradstab``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 USAGE = """\
-usage: python -m gradstab {demo,bench,info,check} [options]
+usage: python -m gradstab {demo,bench,info,check,experiment} [options]
 
   demo   train a small language model four ways (no protection, clip_grad_norm_,
          GradientStabilizer, GradientStabilizer(spike_guard=10)) with injected gradient
@@ -21,6 +21,10 @@ usage: python -m gradstab {demo,bench,info,check} [options]
   check  the compiled ops on this machine's GPU (or --device cpu) against a float64 reference
          of the contract: a pass/fail table, exit status 1 on any failure
          (python -m gradstab check --help)
+  experiment NAME
+         the stability benchmark of docs/evidence.md: a small GPT trained with no protection,
+         clip_grad_norm_, ZClip, GradientStabilizer and StabilizedAdamW over learning-rate and
+         weight-decay grids (python -m gradstab experiment --help)
 """
 
 
@@ -83,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gradstab import selfcheck
 
         return selfcheck.main(rest)
+    if command == "experiment":
+        from gradstab import experiment
+
+        return experiment.main(rest)
     if command == "info":
         argparse.ArgumentParser(
             prog="python -m gradstab info", description=info.__doc__
