@@ -137,20 +137,23 @@ def choose_cuda(
     nvcc: str | None,
     nvcc_ver: tuple[int, int] | None,
     disabled: bool = False,
+    toolkit_problem: str | None = None,
 ) -> CudaChoice:
     """Whether to compile the CUDA kernels: only where torch has CUDA and an nvcc of the same
-    major version exists (torch refuses to build with another major version).
+    major version exists (torch refuses to build with another major version) in a toolkit that
+    has the CUDA runtime's header and library.
 
     Args:
         torch_cuda: ``torch.version.cuda`` ("13.0"), or None for a CPU build of torch.
         nvcc: the path of the nvcc the build would run, or None when there is none.
         nvcc_ver: that nvcc's (major, minor), or None when it did not say.
         disabled: GRADSTAB_NO_CUDA=1 was set.
+        toolkit_problem: what the toolkit around that nvcc lacks (``cuda_toolkit_problem``).
     """
     if disabled:
         return CudaChoice(False, "GRADSTAB_NO_CUDA=1 is set")
     if not torch_cuda:
-        return CudaChoice(False, "this torch is a CPU build (torch.version.cuda is None)")
+        return CudaChoice(False, "this torch is a CPU build")
     if nvcc is None:
         return CudaChoice(
             False,
@@ -167,7 +170,28 @@ def choose_cuda(
             f"{nvcc} is CUDA {found} but torch was built with CUDA {torch_cuda} "
             "(the major versions must match)",
         )
+    if toolkit_problem is not None:
+        return CudaChoice(False, toolkit_problem)
     return CudaChoice(True, f"torch has CUDA {torch_cuda} and {nvcc} is CUDA {found}")
+
+
+def cuda_toolkit_problem(cuda_home: str) -> str | None:
+    """What the CUDA toolkit at ``cuda_home`` lacks for torch's build helpers (the runtime's
+    header in include/, libcudart in lib64/ or lib/ or the system's library folders), or None.
+    An nvcc wrapper on PATH (/usr/local/bin/nvcc) makes torch take /usr/local for the toolkit."""
+    home = Path(cuda_home)
+    if not (home / "include" / "cuda_runtime.h").is_file():
+        return (
+            f"CUDA_HOME={cuda_home} (torch's guess, from where nvcc is) has no "
+            "include/cuda_runtime.h: set CUDA_HOME to the CUDA toolkit's folder"
+        )
+    folders = [home / "lib64", home / "lib", Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib64")]
+    if not any(any(folder.glob("libcudart.so*")) for folder in folders if folder.is_dir()):
+        return (
+            f"CUDA_HOME={cuda_home} (torch's guess, from where nvcc is) has no libcudart in "
+            "lib64/ or lib/: set CUDA_HOME to the CUDA toolkit's folder"
+        )
+    return None
 
 
 def probe_cuda(torch_cuda: str | None = None, cuda_home: str | None = None) -> CudaChoice:
@@ -188,6 +212,7 @@ def probe_cuda(torch_cuda: str | None = None, cuda_home: str | None = None) -> C
         nvcc,
         nvcc_version(nvcc) if nvcc and torch_cuda else None,
         env_flag("GRADSTAB_NO_CUDA"),
+        cuda_toolkit_problem(cuda_home) if nvcc else None,
     )
 
 
@@ -284,12 +309,12 @@ def describe_record(record: dict[str, object]) -> str:
     cuda = (
         f"CUDA kernels for {record.get('arch_list')}"
         if record.get("cuda")
-        else f"no CUDA kernels ({record.get('cuda_reason')})"
+        else f"no CUDA kernels: {record.get('cuda_reason')}"
     )
     when = str(record.get("date", "?"))[:16].replace("T", " ")
     return (
-        f"{origin} for torch {record.get('torch')}, CPU kernels and {cuda}; "
-        f"{when} UTC, {record.get('seconds')} s"
+        f"{origin} for torch {record.get('torch')} ({when} UTC, {record.get('seconds')} s): "
+        f"CPU kernels, {cuda}"
     )
 
 

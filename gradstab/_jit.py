@@ -290,12 +290,13 @@ def compile_extension(
     *,
     verbose: bool = False,
     force: bool = False,
+    retry: bool = False,
 ) -> dict[str, object]:
     """Compiles ``spec`` unless a finished build of it is there; returns its record.
 
     Safe when several processes call it at once: one compiles, the others wait for it. A build
-    that failed before is not retried unless ``force`` (which also rebuilds a finished one).
-    Raises ``BuildError``.
+    that failed before is tried again only with ``retry`` or ``force`` (which also rebuilds a
+    finished one). Raises ``BuildError``.
     """
     try:
         spec.directory.parent.mkdir(parents=True, exist_ok=True)
@@ -315,7 +316,7 @@ def compile_extension(
             if record is not None:
                 return record
             failed = _build.read_record(spec.directory / FAILED_NAME)
-            if failed is not None:
+            if failed is not None and not retry:
                 raise BuildError(
                     f"{failed.get('reason')} (an earlier attempt; not retried on import)",
                     str(failed.get("fix")),

@@ -129,7 +129,7 @@ def _cpu_only_reason(torch_has_cuda: bool) -> str:
         return "GRADSTAB_NO_CUDA=1 is set"
     if torch_has_cuda:
         return "no GPU is visible (`python -m gradstab build` compiles the CUDA kernels too)"
-    return "this torch is a CPU build (torch.version.cuda is None)"
+    return "this torch is a CPU build"
 
 
 def _load(allow_compile: bool) -> LoadResult:
@@ -365,7 +365,9 @@ def build(*, force: bool = False, verbose: bool = False) -> int:
     if not cuda.use:
         _jit.say(f"no CUDA kernels: {cuda.reason}")
     try:
-        record = _jit.compile_extension(spec, "build-command", cuda, verbose=verbose, force=force)
+        record = _jit.compile_extension(
+            spec, "build-command", cuda, verbose=verbose, force=force, retry=True
+        )
     except _jit.BuildError as err:
         _jit.say(str(err))
         return 1

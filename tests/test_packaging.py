@@ -126,29 +126,48 @@ def test_cuda_is_chosen_only_with_an_nvcc_of_torchs_major_version(
     assert says in choice.reason, choice.reason
 
 
-def fake_cuda_home(tmp_path: Path, nvcc_output: str | None) -> Path:
+def fake_cuda_home(tmp_path: Path, nvcc_output: str | None, complete: bool = True) -> Path:
+    """A CUDA toolkit folder whose bin/nvcc prints ``nvcc_output`` (none if None); ``complete``:
+    with the runtime's header and library."""
     home = tmp_path / "cuda"
     (home / "bin").mkdir(parents=True)
     if nvcc_output is not None:
         nvcc = home / "bin" / "nvcc"
         nvcc.write_text(f"#!/bin/sh\necho '{nvcc_output}'\n")
         nvcc.chmod(0o755)
+    if complete:
+        (home / "include").mkdir()
+        (home / "include" / "cuda_runtime.h").write_text("")
+        (home / "lib64").mkdir()
+        (home / "lib64" / "libcudart.so.13").write_text("")
     return home
 
 
 @pytest.mark.parametrize(
-    ("output", "use", "says"),
+    ("output", "complete", "use", "says"),
     [
-        ("Cuda compilation tools, release 13.0, V13.0.88", True, "is CUDA 13.0"),
-        ("Cuda compilation tools, release 12.4, V12.4.131", False, "major versions must match"),
-        ("something else", False, "does not print its version"),
-        (None, False, "no nvcc was found"),
+        ("Cuda compilation tools, release 13.0, V13.0.88", True, True, "is CUDA 13.0"),
+        ("Cuda compilation tools, release 12.4, V12.4.131", True, False, "major versions must"),
+        ("something else", True, False, "does not print its version"),
+        (None, True, False, "no nvcc was found"),
+        # an nvcc wrapper in /usr/local/bin: torch takes /usr/local for the toolkit
+        ("Cuda compilation tools, release 13.0, V13.0.88", False, False, "no include/cuda_runtime"),
     ],
 )
-def test_probe_runs_the_nvcc_of_cuda_home(tmp_path, monkeypatch, output, use, says):
+def test_probe_runs_the_nvcc_of_cuda_home(tmp_path, monkeypatch, output, complete, use, says):
     monkeypatch.delenv("GRADSTAB_NO_CUDA", raising=False)
-    choice = _build.probe_cuda("13.0", str(fake_cuda_home(tmp_path, output)))
+    choice = _build.probe_cuda("13.0", str(fake_cuda_home(tmp_path, output, complete)))
     assert (choice.use, says in choice.reason) == (use, True), choice
+
+
+def test_toolkit_without_the_runtime_library_is_refused(tmp_path):
+    assert not _build.choose_cuda("13.0", "/cuda/bin/nvcc", (13, 0), False, "it lacks x").use
+    home = fake_cuda_home(tmp_path, "release 13.0", complete=True)
+    assert _build.cuda_toolkit_problem(str(home)) is None
+    (home / "lib64" / "libcudart.so.13").unlink()
+    problem = _build.cuda_toolkit_problem(str(home))
+    if problem is not None:  # a system-wide libcudart (Debian's toolkit) would do
+        assert "no libcudart" in problem
 
 
 def test_parse_nvcc_version():
@@ -276,6 +295,7 @@ def test_build_requirements_never_pull_torch():
 def test_sdist_and_its_wheel_carry_every_source(tmp_path):
     """The sdist holds all of csrc/; a wheel built from it (here without _C) holds it as
     gradstab/_csrc/csrc, so that the first use can compile it."""
+    pytest.importorskip("build", reason="make setup installs `build` (python -m build)")
     sources = _build.source_files(ROOT)
     assert "csrc/ops.cpp" in sources and "csrc/cuda/multi_tensor.cuh" in sources
     subprocess.run(
@@ -480,7 +500,6 @@ def test_processes_starting_together_compile_once_and_match_the_torch_backend(co
     (folder,) = [p for p in cache.iterdir() if p.is_dir()]
     record = _build.read_record(folder / _build.RECORD_NAME)
     assert record["origin"] == "first-use" and record["torch"] == torch.__version__
-    assert not (folder / "lock").exists()  # torch's own lock file is gone
 
 
 def test_a_compiled_library_is_imported_without_compiling(compiled_cache):
