@@ -261,14 +261,20 @@ class _Progress:
 
 def estimate(spec: BuildSpec) -> str:
     """A rough duration of the build of ``spec`` on this machine, in words."""
-    # Measured on 2 cores (docs/install.md): the CPU build takes about 55 s of which 45 s go to
-    # the largest file; nvcc adds about a minute per architecture and core.
-    cores = max(1, min(os.cpu_count() or 1, 8))
-    seconds = 45 + 20 / cores
+    # Measured (docs/install.md): the CPU kernels take about 35 s of compiler time, the CUDA
+    # kernels about 35 s more per nvcc target (sm_XY or PTX) on a 2-core x86 machine; ninja
+    # runs one compiler per core.
+    cpu_seconds = 35.0
     if spec.cuda and spec.arch_list:
-        seconds += 60 * len([a for a in spec.arch_list.split(";") if a]) * 2 / cores
-    minutes = max(1, round(seconds / 60))
-    return f"about {minutes} minute{'s' if minutes > 1 else ''} on {os.cpu_count()} cores"
+        entries = [a for a in re.split(r"[;\s]+", spec.arch_list) if a]
+        cpu_seconds += 35.0 * sum(2 if a.endswith("+PTX") else 1 for a in entries)
+    cores = os.cpu_count() or 1
+    seconds = cpu_seconds / min(cores, 8) * 1.3
+    if seconds < 90:
+        words = f"about {max(10, round(seconds / 10) * 10)} s"
+    else:
+        words = f"about {round(seconds / 60)} minutes"
+    return f"{words} on {cores} idle cores"
 
 
 def _first_error(text: str) -> str:
