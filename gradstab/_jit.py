@@ -304,66 +304,78 @@ def compile_extension(
     that failed before is tried again only with ``retry`` or ``force`` (which also rebuilds a
     finished one). Raises ``BuildError``.
     """
-    try:
-        spec.directory.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise BuildError(
-            f"the build cache {spec.directory.parent} cannot be created ({err})",
-            f"set {CACHE_ENV} to a writable folder, then run `{BUILD_COMMAND}`",
-        ) from err
     check_toolchain(spec)
 
     def waiting() -> None:
         say(f"waiting for another process that is compiling the kernels into {spec.directory}")
 
-    with _locked(spec.lock_path, waiting):
-        if not force:
-            record = ready(spec)
-            if record is not None:
-                return record
-            failed = _build.read_record(spec.directory / FAILED_NAME)
-            if failed is not None and not retry:
-                raise BuildError(
-                    f"{failed.get('reason')} (an earlier attempt; not retried on import)",
-                    str(failed.get("fix")),
-                )
-        shutil.rmtree(spec.directory, ignore_errors=True)
-        spec.directory.mkdir(parents=True)
-        sources = _build.sources(spec.root, cuda=spec.cuda)
-        hint = f". `{BUILD_COMMAND}` does this ahead; {NO_JIT_ENV}=1 turns it off"
-        say(
-            f"compiling the {spec.kernels} kernels for torch {torch.__version__}, once "
-            f"({len(sources)} files, {estimate(spec)}); cached in {spec.directory}"
-            + (hint if origin == "first-use" else "")
-        )
-        start = time.monotonic()
+    try:
+        spec.directory.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(spec.lock_path, waiting):
+            return _compile_locked(spec, origin, cuda, verbose, force, retry)
+    except OSError as err:
+        raise BuildError(
+            f"the build cache {spec.directory.parent} cannot be written ({err})",
+            f"set {CACHE_ENV} to a writable folder, then run `{BUILD_COMMAND}`",
+        ) from err
+
+
+def _compile_locked(
+    spec: BuildSpec,
+    origin: str,
+    cuda: _build.CudaChoice,
+    verbose: bool,
+    force: bool,
+    retry: bool,
+) -> dict[str, object]:
+    """``compile_extension``'s work, under the lock of ``spec``."""
+    if not force:
+        record = ready(spec)
+        if record is not None:
+            return record
+        failed = _build.read_record(spec.directory / FAILED_NAME)
+        if failed is not None and not retry:
+            raise BuildError(
+                f"{failed.get('reason')} (an earlier attempt; not retried on import)",
+                str(failed.get("fix")),
+            )
+    shutil.rmtree(spec.directory, ignore_errors=True)
+    spec.directory.mkdir(parents=True)
+    sources = _build.sources(spec.root, cuda=spec.cuda)
+    hint = f". `{BUILD_COMMAND}` does this ahead; {NO_JIT_ENV}=1 turns it off"
+    say(
+        f"compiling the {spec.kernels} kernels for torch {torch.__version__}, once "
+        f"({len(sources)} files, {estimate(spec)}); cached in {spec.directory}"
+        + (hint if origin == "first-use" else "")
+    )
+    start = time.monotonic()
+    try:
         from torch.utils import cpp_extension
 
-        try:
-            with _build_environment(spec), _Progress(spec, sources):
-                library = cpp_extension.load(
-                    name="_C",
-                    sources=[str(spec.root / s) for s in sources],
-                    extra_cflags=_build.CXX_FLAGS,
-                    extra_cuda_cflags=_build.NVCC_FLAGS if spec.cuda else None,
-                    extra_ldflags=_build.LINK_FLAGS,
-                    build_directory=str(spec.directory),
-                    verbose=verbose,
-                    with_cuda=spec.cuda,
-                    is_python_module=False,
-                )
-        except Exception as err:
-            log = spec.directory / LOG_NAME
-            log.write_text(f"{type(err).__name__}: {err}\n")
-            reason = f"compiling the kernels failed: {_first_error(str(err))} (full log: {log})"
-            fix = f"fix what the log shows, then run `{BUILD_COMMAND}`"
-            _build.write_record(spec.directory / FAILED_NAME, {"reason": reason, "fix": fix})
-            raise BuildError(reason, fix) from err
-        seconds = time.monotonic() - start
-        record = _build.make_record(
-            origin, torch.__version__, torch.version.cuda, cuda, spec.arch_list, seconds, spec.key
-        )
-        record["library"] = Path(str(library)).name
-        _build.write_record(spec.record_path, record)
-        say(f"compiled the kernels in {seconds:.0f} s")
-        return record
+        with _build_environment(spec), _Progress(spec, sources):
+            library = cpp_extension.load(
+                name="_C",
+                sources=[str(spec.root / s) for s in sources],
+                extra_cflags=_build.CXX_FLAGS,
+                extra_cuda_cflags=_build.NVCC_FLAGS if spec.cuda else None,
+                extra_ldflags=_build.LINK_FLAGS,
+                build_directory=str(spec.directory),
+                verbose=verbose,
+                with_cuda=spec.cuda,
+                is_python_module=False,
+            )
+    except Exception as err:
+        log = spec.directory / LOG_NAME
+        log.write_text(f"{type(err).__name__}: {err}\n")
+        reason = f"compiling the kernels failed: {_first_error(str(err))} (full log: {log})"
+        fix = f"fix what the log shows, then run `{BUILD_COMMAND}`"
+        _build.write_record(spec.directory / FAILED_NAME, {"reason": reason, "fix": fix})
+        raise BuildError(reason, fix) from err
+    seconds = time.monotonic() - start
+    record = _build.make_record(
+        origin, torch.__version__, torch.version.cuda, cuda, spec.arch_list, seconds, spec.key
+    )
+    record["library"] = Path(str(library)).name
+    _build.write_record(spec.record_path, record)
+    say(f"compiled the kernels in {seconds:.0f} s")
+    return record

@@ -308,7 +308,13 @@ def load(*, allow_compile: bool = True, warn: bool = True) -> LoadResult:
     global _result
     with _lock:
         if _result is None:
-            result = _load(allow_compile)
+            try:
+                result = _load(allow_compile)
+            except Exception as err:  # the kernels are an optimization: never fail training
+                result = LoadResult(
+                    error=f"loading them failed unexpectedly ({type(err).__name__}: {err})",
+                    fix="please report it; GRADSTAB_NO_EXTENSION=1 skips the kernels",
+                )
             _finish(result, warn)
             _result = result
         return _result

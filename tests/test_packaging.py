@@ -393,6 +393,14 @@ def test_a_failed_compile_is_reported_and_not_retried_by_every_process(tmp_path)
     assert "compiling" not in stderr
 
 
+def test_unwritable_cache_falls_back_with_one_warning(tmp_path):
+    report, _ = apply_report(HIDE_C, env_with(Path("/proc/gradstab-cache")))
+    assert report["backend"] == "torch"
+    (warning,) = report["warnings"]
+    assert "the build cache /proc/gradstab-cache cannot be written" in warning[1]
+    assert "set GRADSTAB_CACHE_DIR to a writable folder" in warning[1]
+
+
 def test_no_extension_switch_runs_the_torch_backend_silently(tmp_path):
     report, _ = apply_report("", env_with(tmp_path, GRADSTAB_NO_EXTENSION="1"))
     assert report["backend"] == "torch" and report["warnings"] == []
