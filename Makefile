@@ -11,14 +11,14 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 PY_DIRS := $(wildcard gradstab tests benchmarks examples)
 CLANG_FORMAT_FILES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp tests/*.cpp)
 
-.PHONY: setup test lint format cuda-check demo
+.PHONY: setup test lint format cuda-check demo sdist wheel packaging-check
 
 setup: $(STAMP) $(VENV)/.demo-deps $(VENV)/.deepspeed-installed
 
 $(VENV)/.deps-installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy pytest ruff clang-format ninja setuptools wheel
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy pytest ruff clang-format ninja setuptools wheel build
 	touch $@
 
 # TORCH_SPEC again, so that pip keeps the installed torch rather than resolving another one.
@@ -44,6 +44,22 @@ $(VENV)/.deepspeed-installed: $(VENV)/.deps-installed
 $(VENV)/.demo-deps: $(VENV)/.deps-installed
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install --quiet "matplotlib==3.10.9"
 	touch $@
+
+# The release artifacts, in dist/ (docs/install.md). The sdist as a maintainer makes it: `python -m
+# build` in its isolated environment, which has no torch; it carries csrc/. The wheel: gradstab._C
+# built against .venv's torch, and csrc/ for any other torch.
+DIST ?= dist
+sdist: $(VENV)/.deps-installed
+	rm -f $(DIST)/gradstab-*.tar.gz
+	$(PY) -m build --sdist --outdir $(DIST) .
+
+wheel: $(VENV)/.deps-installed
+	rm -f $(DIST)/gradstab-*.whl
+	$(PY) -m pip wheel --no-build-isolation --no-deps --no-cache-dir --wheel-dir $(DIST) .
+
+# Installs the sdist and the wheel into fresh venvs by every route and checks the kernels run.
+packaging-check: $(VENV)/.deps-installed
+	bash .ci/packaging_check.sh
 
 DEMO_OUT ?= out/demo.png
 demo: setup

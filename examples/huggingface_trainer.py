@@ -7,8 +7,8 @@ the resumed run ends with the same weights: the stabilizer's state travels in th
 
     python examples/huggingface_trainer.py [--steps 40] [--output-dir DIR]
 
-Needs ``pip install 'gradstab[hf]'`` (transformers, accelerate). On a GPU, add ``fp16=True``
-(or ``bf16=True``) to the TrainingArguments: the callback handles the loss scaler.
+Needs ``pip install 'transformers>=4.45' 'accelerate>=0.26'`` (the ``hf`` extra). On a GPU, add
+``fp16=True`` (or ``bf16=True``) to the TrainingArguments: the callback handles the loss scaler.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ then resumes from the checkpoint of the first half and checks that it ends with 
 
     python examples/lightning_trainer.py [--steps 100] [--output-dir DIR]
 
-Needs ``pip install 'gradstab[lightning]'``. For AMP pass ``precision="16-mixed"`` (GPU) to the
-Trainer: the callback handles the loss scaler.
+Needs ``pip install 'lightning>=2.0'`` (the ``lightning`` extra). For AMP pass
+``precision="16-mixed"`` (GPU) to the Trainer: the callback handles the loss scaler.
 """
 
 from __future__ import annotations

@@ -45,7 +45,8 @@ try:
     from transformers.trainer_callback import ExportableState
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "gradstab.integrations.huggingface needs transformers: pip install 'gradstab[hf]'"
+        "gradstab.integrations.huggingface needs transformers: "
+        "pip install 'transformers>=4.45' 'accelerate>=0.26'"
     ) from err
 
 __all__ = ["GradientStabilizerCallback"]

@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - depends on the environment
         from pytorch_lightning import Callback
     except ImportError as err:
         raise ImportError(
-            "gradstab.integrations.lightning needs Lightning: pip install 'gradstab[lightning]'"
+            "gradstab.integrations.lightning needs Lightning: pip install 'lightning>=2.0'"
         ) from err
 
 __all__ = ["GradientStabilizerCallback"]
