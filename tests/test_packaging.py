@@ -10,6 +10,7 @@ the checkout's gradstab._C (HIDE_C).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -295,7 +296,11 @@ def test_build_requirements_never_pull_torch():
 def test_sdist_and_its_wheel_carry_every_source(tmp_path):
     """The sdist holds all of csrc/; a wheel built from it (here without _C) holds it as
     gradstab/_csrc/csrc, so that the first use can compile it."""
-    pytest.importorskip("build", reason="make setup installs `build` (python -m build)")
+    # A `build/` folder in the checkout imports as a namespace package: ask for pypa/build's
+    # entry point, and fail rather than skip (make setup installs it).
+    assert importlib.util.find_spec("build.__main__") is not None, (
+        "pypa/build is not installed (make setup installs it: pip install build)"
+    )
     sources = _build.source_files(ROOT)
     assert "csrc/ops.cpp" in sources and "csrc/cuda/multi_tensor.cuh" in sources
     subprocess.run(
