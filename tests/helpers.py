@@ -1,7 +1,15 @@
-"""Random gradient lists with odd shapes, layouts and faults, and comparison helpers."""
+"""Random gradient lists with odd shapes, layouts and faults, comparison helpers, and the
+launcher of multi-rank workers."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from torch import Tensor
 
@@ -103,3 +111,49 @@ def to_device(grads: list[Tensor], device: torch.device | str) -> list[Tensor]:
         base = storage.to(device)
         out.append(base.as_strided(g.size(), g.stride(), g.storage_offset()))
     return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(
+    argv: list[str], out: Path, world: int, env: dict[str, str], timeout: int, what: str
+) -> list[dict]:
+    """Runs ``python argv --out OUT`` once per rank of a ``world``-process group on this machine
+    (MASTER_ADDR/PORT, WORLD_SIZE, LOCAL_WORLD_SIZE, RANK, LOCAL_RANK set, one thread each, on
+    top of ``os.environ`` and ``env``) and returns what each rank saved as ``OUT/rank{r}.pt``.
+    Fails the test, naming ``what``, when a rank fails or they take longer than ``timeout`` s."""
+    common = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "OMP_NUM_THREADS": "1",
+        **env,
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *argv, "--out", str(out)],
+            env={**common, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    logs = []
+    for proc in procs:
+        try:
+            logs.append(proc.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"{what} on {world} ranks did not finish in {timeout} s")
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"rank {rank} of {what} failed:\n{log[-20000:]}"
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]

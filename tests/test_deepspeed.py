@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ if importlib.util.find_spec("deepspeed") is None:
 
 from tests import distributed_worker as dw
 from tests.conftest import RTOL
-from tests.helpers import assert_grads_close
+from tests.helpers import assert_grads_close, free_port, run_ranks
 from tests.reference import ReferenceStabilizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,51 +48,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHARDED = {"2a": True, "2o": True, "0": False, "1": True, "2": True, "3": True, "3p": True}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(script: Path, out: Path, world: int = WORLD, timeout: int = 400) -> list[dict]:
     """Runs ``script --out OUT`` on ``world`` CPU ranks; returns what each rank saved.
 
     DeepSpeed compiles its shared-memory communication op on first use (about 25 s here); it is
     cached in ``build/torch-extensions`` unless TORCH_EXTENSIONS_DIR says otherwise.
     """
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": str(world),
-        "LOCAL_WORLD_SIZE": str(world),
-        "OMP_NUM_THREADS": "1",
-        "TORCH_EXTENSIONS_DIR": os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch-extensions")
-        ),
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), "--out", str(out)],
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail(f"{script.name} on {world} ranks did not finish in {timeout} s")
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{log[-20000:]}"
-    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": _extensions_dir()}
+    return run_ranks([str(script)], out, world, env, timeout, script.name)
+
+
+def _extensions_dir() -> str:
+    return os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch-extensions"))
 
 
 @pytest.fixture(scope="module")
@@ -382,10 +348,8 @@ def test_deepspeed_trainer_example(tmp_path):
         pytest.skip("transformers is not installed (pip install 'gradstab[hf]')")
     env = {
         **os.environ,
-        "TORCH_EXTENSIONS_DIR": os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch-extensions")
-        ),
-        "MASTER_PORT": str(_free_port()),
+        "TORCH_EXTENSIONS_DIR": _extensions_dir(),
+        "MASTER_PORT": str(free_port()),
     }
     env.pop("RANK", None)
     args = ["--zero", "3", "--steps", "4", "--output-dir", str(tmp_path)]

@@ -10,9 +10,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ import torch
 
 from tests import distributed_worker as worker
 from tests.conftest import RTOL
-from tests.helpers import assert_grads_close
+from tests.helpers import assert_grads_close, run_ranks
 from tests.reference import ReferenceStabilizer
 
 pytestmark = pytest.mark.skipif(
@@ -38,44 +35,12 @@ DTENSOR_RUNS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, out: Path) -> list[dict]:
     """Runs the worker on ``world`` ranks; returns what each rank saved (and the seed used)."""
     seed = int(os.environ.get("GRADSTAB_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": str(world),
-        "OMP_NUM_THREADS": "1",
-    }
-    script = Path(worker.__file__)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), "--out", str(out), "--seed", str(seed)],
-            env={**env, "RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail(f"the distributed worker on {world} ranks did not finish in 240 s")
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} failed (GRADSTAB_TEST_SEED={seed}):\n{log}"
-    results = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    script = str(Path(worker.__file__))
+    what = f"the distributed worker (GRADSTAB_TEST_SEED={seed})"
+    results = run_ranks([script, "--seed", str(seed)], out, world, {}, 240, what)
     for r in results:
         r["seed"] = seed
     return results
