@@ -36,11 +36,6 @@ def _load_build_config():
 build_config = _load_build_config()
 
 
-def _say(message: str) -> None:
-    # pip shows a build's output with -v (and always when the build fails).
-    print(f"gradstab: {message}", file=sys.stderr, flush=True)
-
-
 class BuildPyWithSources(build_py):
     """build_py that also copies csrc/ into the package, as gradstab/_csrc/csrc."""
 
@@ -67,13 +62,15 @@ class BuildPyWithSources(build_py):
 def _extension_build():
     """Returns (ext_modules, cmdclass) for gradstab._C, or nothing where it is not built here."""
     if build_config.env_flag("GRADSTAB_NO_EXTENSION"):
-        _say("GRADSTAB_NO_EXTENSION=1: gradstab._C is not built (the torch backend will run)")
+        build_config.say(
+            "GRADSTAB_NO_EXTENSION=1: gradstab._C is not built (the torch backend will run)"
+        )
         return [], {}
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        _say(
+        build_config.say(
             "torch is not importable at build time (an isolated build), so gradstab._C is not "
             "built now: gradstab compiles it on first use against the torch that runs it "
             "(`python -m gradstab build` does it ahead)"
@@ -83,22 +80,17 @@ def _extension_build():
     cuda = build_config.probe_cuda()
     arch_list = build_config.cuda_arch_list() if cuda.use else None
     sources = build_config.sources(ROOT, cuda=cuda.use)
-    try:
-        import ninja
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    except ImportError:
-        pass
+    os.environ["PATH"] = build_config.ninja_search_path()
 
     class BuildExt(BuildExtension):
         """BuildExtension that says what it builds and writes the build record beside _C."""
 
         def build_extensions(self):
             kernels = f"CPU and CUDA kernels for {arch_list}" if cuda.use else "CPU kernels"
-            _say(f"building gradstab._C for torch {torch.__version__}: {kernels}")
+            build_config.say(f"building gradstab._C for torch {torch.__version__}: {kernels}")
             if not cuda.use:
-                _say(f"no CUDA kernels: {cuda.reason}")
-            _say(
+                build_config.say(f"no CUDA kernels: {cuda.reason}")
+            build_config.say(
                 f"compiling {len(sources)} files with ninja (about "
                 f"{'several minutes' if cuda.use else 'a minute'} on {os.cpu_count()} cores; "
                 "pip shows the commands with -v)"
@@ -113,7 +105,7 @@ def _extension_build():
             build_config.write_record(
                 os.path.join(os.path.dirname(library), build_config.RECORD_NAME), record
             )
-            _say(f"built gradstab._C in {seconds:.0f} s")
+            build_config.say(f"built gradstab._C in {seconds:.0f} s")
 
         def copy_extensions_to_source(self):
             # An editable install (or --inplace) copies _C into the checkout: its record too.

@@ -50,6 +50,24 @@ ORIGINS = {
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 
 
+def say(message: str) -> None:
+    """One progress line of a build on stderr (pip shows a build's output with -v, and always
+    when the build fails)."""
+    print(f"gradstab: {message}", file=sys.stderr, flush=True)
+
+
+def ninja_search_path() -> str:
+    """PATH with the folder of the ``ninja`` package's binary in front (the venv's bin/, which
+    is on PATH only in an activated venv); PATH as it is where that package is not installed."""
+    path = os.environ.get("PATH", "")
+    try:
+        import ninja
+    except ImportError:
+        return path
+    ninja_dir = getattr(ninja, "BIN_DIR", None)
+    return ninja_dir + os.pathsep + path if ninja_dir else path
+
+
 def env_flag(name: str) -> bool:
     """Whether the environment variable ``name`` is set to something other than 0/false/no."""
     return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")

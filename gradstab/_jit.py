@@ -39,6 +39,7 @@ from types import ModuleType
 import torch
 
 from gradstab import _build
+from gradstab._build import say
 
 NO_JIT_ENV = "GRADSTAB_NO_JIT"
 CACHE_ENV = "GRADSTAB_CACHE_DIR"
@@ -54,11 +55,6 @@ class BuildError(RuntimeError):
         super().__init__(f"{reason}. Fix: {fix}")
         self.reason = reason
         self.fix = fix
-
-
-def say(message: str) -> None:
-    """One progress line on stderr (the build is seen in logs and terminals alike)."""
-    print(f"gradstab: {message}", file=sys.stderr, flush=True)
 
 
 def cache_root() -> Path:
@@ -153,22 +149,6 @@ def import_library(path: str | os.PathLike[str]) -> ModuleType:
     return module
 
 
-def _ninja_dir() -> str | None:
-    """The folder of the ninja of the ``ninja`` package (the venv's bin/, which is on PATH only
-    in an activated venv), or None where that package is not installed."""
-    try:
-        import ninja
-    except ImportError:
-        return None
-    return getattr(ninja, "BIN_DIR", None)
-
-
-def _search_path() -> str:
-    ninja_dir = _ninja_dir()
-    path = os.environ.get("PATH", "")
-    return ninja_dir + os.pathsep + path if ninja_dir else path
-
-
 def check_toolchain(spec: BuildSpec) -> None:
     """Raises ``BuildError`` when the compiler or ninja that ``spec`` needs is missing."""
     cxx = os.environ.get("CXX", "").strip() or "c++"
@@ -179,7 +159,7 @@ def check_toolchain(spec: BuildSpec) -> None:
             "install one (Debian/Ubuntu: `apt-get install g++`) or point CXX at one, then run "
             f"`{BUILD_COMMAND}`",
         )
-    if shutil.which("ninja", path=_search_path()) is None:
+    if shutil.which("ninja", path=_build.ninja_search_path()) is None:
         raise BuildError(
             "compiling the kernels needs ninja, and there is none",
             f"`pip install ninja`, then run `{BUILD_COMMAND}`",
@@ -205,7 +185,7 @@ def _locked(path: Path, waiting: Callable[[], None]) -> Iterator[None]:
 def _build_environment(spec: BuildSpec) -> Iterator[None]:
     """PATH with ninja on it and the architectures of ``spec``, for the build only."""
     saved = {name: os.environ.get(name) for name in ("PATH", "TORCH_CUDA_ARCH_LIST")}
-    os.environ["PATH"] = _search_path()
+    os.environ["PATH"] = _build.ninja_search_path()
     if spec.arch_list:
         os.environ["TORCH_CUDA_ARCH_LIST"] = spec.arch_list
     try:

@@ -215,7 +215,7 @@ def _load(allow_compile: bool) -> LoadResult:
             plan.append((specs[-1], _build.CudaChoice(False, cpu_reason)))
         for spec, choice in plan:
             if gpus and not spec.cuda:
-                _jit.say(f"no CUDA kernels: {cpu_reason}")
+                _build.say(f"no CUDA kernels: {cpu_reason}")
             try:
                 record = _jit.compile_extension(spec, "first-use", choice)
             except _jit.BuildError as err:
@@ -350,39 +350,39 @@ def build(*, force: bool = False, verbose: bool = False) -> int:
     already has everything; then checks that they load. Returns the exit status."""
     if _result is not None and _result.module is not None:
         # A second library would register the gradstab ops twice.
-        _jit.say("the kernels are already loaded in this process: build in a new one")
+        _build.say("the kernels are already loaded in this process: build in a new one")
         return 1
     notes: list[str] = []
     cuda = _build.probe_cuda()
     gpus = _visible_gpus()
     installed = _installed(notes)
     for note in notes:
-        _jit.say(note)
+        _build.say(note)
     if not force and installed is not None and (installed[1] or {}).get("origin") == "install":
         record = installed[1] or {}
         if _uncovered(record, gpus) is None and (record.get("cuda") or not cuda.use):
-            _jit.say(f"nothing to compile: {installed[0]} was {_build.describe_record(record)}")
+            _build.say(f"nothing to compile: {installed[0]} was {_build.describe_record(record)}")
             return 0
     try:
         spec = _jit.build_spec(cuda.use, [g.capability for g in gpus])
     except FileNotFoundError as err:
-        _jit.say(f"cannot compile: {err}")
+        _build.say(f"cannot compile: {err}")
         return 1
     if not cuda.use:
-        _jit.say(f"no CUDA kernels: {cuda.reason}")
+        _build.say(f"no CUDA kernels: {cuda.reason}")
     try:
         record = _jit.compile_extension(
             spec, "build-command", cuda, verbose=verbose, force=force, retry=True
         )
     except _jit.BuildError as err:
-        _jit.say(str(err))
+        _build.say(str(err))
         return 1
     path = spec.directory / str(record["library"])
-    _jit.say(f"{path}: {_build.describe_record(record)}")
+    _build.say(f"{path}: {_build.describe_record(record)}")
     try:
         _jit.import_library(path)
     except (ImportError, OSError) as err:
-        _jit.say(f"the compiled kernels do not load: {type(err).__name__}: {err}")
+        _build.say(f"the compiled kernels do not load: {type(err).__name__}: {err}")
         return 1
     return 0
 
