@@ -30,10 +30,10 @@ import torch
 from torch import Tensor
 
 from gradstab import _build, _jit
+from gradstab._warn import user_stacklevel
 
 NO_EXTENSION_ENV = "GRADSTAB_NO_EXTENSION"
 _OPS = ("stabilize_", "stabilized_adamw_")
-_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 @dataclass
@@ -249,13 +249,8 @@ def _load(allow_compile: bool) -> LoadResult:
 
 
 def _warn(message: str) -> None:
-    # Point at the user's call that needed the kernels: the first frame outside gradstab and
-    # torch (whose no_grad decorator wraps apply).
-    skip = (str(_PACKAGE_DIR), str(Path(torch.__file__).resolve().parent))
-    frame, level = sys._getframe(1), 2
-    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(skip):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, RuntimeWarning, stacklevel=level)
+    # Point at the user's call that needed the kernels.
+    warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _finish(result: LoadResult, warn: bool) -> None:

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradstab._warn import user_stacklevel
+
 __all__ = ["TESTED_VERSIONS", "DeepSpeedLayoutError", "Fragments", "check_version", "fragments"]
 
 TESTED_VERSIONS = ("0.19.8",)
@@ -87,7 +89,7 @@ def check_version() -> None:
             f"{', '.join(TESTED_VERSIONS)}); its gradient layout is checked on every step and "
             "an unknown one raises DeepSpeedLayoutError",
             UserWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
 

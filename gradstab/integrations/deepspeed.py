@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from gradstab import _torch_backend, distributed
+from gradstab._warn import user_stacklevel
 from gradstab.integrations import _deepspeed_layout as layout
 from gradstab.integrations._deepspeed_layout import TESTED_VERSIONS, DeepSpeedLayoutError
 
@@ -133,7 +134,7 @@ def warn_if_clipping(owner: Any, clipping: Any) -> None:
             '"gradient_clipping": 0.0 in the DeepSpeed config (or max_grad_norm=0.0 for the '
             "HuggingFace Trainer).",
             UserWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
 
