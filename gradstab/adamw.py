@@ -137,14 +137,7 @@ def _check_group(group: dict[str, Any], where: str) -> None:
 
 
 def _check_stab_eps(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"gradstab.StabilizedAdamW: stab_eps must be a float, got {type(value).__name__}"
-        )
-    if not 0.0 < value < F.EPS_BOUND:
-        raise ValueError(
-            f"gradstab.StabilizedAdamW: stab_eps must be in (0, {F.EPS_BOUND:g}), got {value!r}"
-        )
+    F.validate_eps(value, "gradstab.StabilizedAdamW: stab_eps")
 
 
 class _StabilizerSetting:

@@ -35,7 +35,7 @@ BACKENDS = ("auto", "compiled", "torch")
 # norm: at 1 or more it would dominate sqrt(v_hat) and change the transform (docs/design.md).
 EPS_BOUND = 1.0
 
-__all__ = ["StabilizerState", "init_state", "stabilize_", "validate_config"]
+__all__ = ["StabilizerState", "init_state", "stabilize_", "validate_config", "validate_eps"]
 
 
 class StabilizerState(NamedTuple):
@@ -48,6 +48,15 @@ class StabilizerState(NamedTuple):
     m: Tensor
     v: Tensor
     k: Tensor
+
+
+def validate_eps(eps: float, name: str = "gradstab: eps") -> None:
+    """Raises ``TypeError`` unless ``eps`` is a number, ``ValueError`` unless it is in
+    (0, EPS_BOUND); ``name`` starts the message."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(eps).__name__}")
+    if not 0.0 < eps < EPS_BOUND:
+        raise ValueError(f"{name} must be in (0, {EPS_BOUND:g}), got {eps!r}")
 
 
 def validate_config(
@@ -68,10 +77,7 @@ def validate_config(
             raise TypeError(f"gradstab: {name} must be a float, got {type(value).__name__}")
         if not 0.0 <= value < 1.0:
             raise ValueError(f"gradstab: {name} must be in [0, 1), got {value!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"gradstab: eps must be a float, got {type(eps).__name__}")
-    if not 0.0 < eps < EPS_BOUND:
-        raise ValueError(f"gradstab: eps must be in (0, {EPS_BOUND:g}), got {eps!r}")
+    validate_eps(eps)
     if not isinstance(bias_correction, bool):
         raise TypeError(
             f"gradstab: bias_correction must be a bool, got {type(bias_correction).__name__}"
