@@ -47,7 +47,7 @@ from gradstab.reference import ReferenceStabilizer
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # The relative error a correct kernel can make in a gradient of each dtype: its rounding of
-# the scaled value plus the factor's (tests/conftest.py RTOL holds the same numbers).
+# the scaled value plus the factor's (the test suite's tolerances: tests/conftest.py RTOL).
 GRAD_TOLERANCE = {
     torch.float64: 1e-12,
     torch.float32: 3e-6,
@@ -260,7 +260,7 @@ class _Data:
 
 def _check_stabilize(data: _Data, steps: int) -> Iterator[Row]:
     for dtype in DTYPES:
-        measure = Measure("stabilize_ vs float64 reference", str(dtype).split(".")[-1])
+        measure = Measure("stabilize_ vs float64 reference", _dtype_name(dtype))
         for config in STABILIZER_CONFIGS.values():
             granularity = config.get("granularity", "param")
             grads = data.grads(dtype)
