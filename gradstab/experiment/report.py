@@ -70,29 +70,36 @@ def loss_cell(runs: Records) -> str:
     return cell
 
 
-def by_grid_table(records: Records, field: str, label: Callable[[float], str]) -> str:
-    """Final held-out loss per method (rows) and grid value of ``field`` (columns)."""
+def _grid_table(
+    records: Records,
+    field: str,
+    label: Callable[[float], str],
+    cell: Callable[[Records], str],
+) -> str:
+    """One row per method, one column per grid value of ``field``: ``cell`` of the method's runs
+    at that value (all seeds)."""
     points = grid(records, field)
     rows = [
-        [METHODS[m], *(loss_cell(select(records, method=m, **{field: x})) for x in points)]
+        [METHODS[m], *(cell(select(records, method=m, **{field: x})) for x in points)]
         for m in methods_of(records)
     ]
     return _table(["method", *(label(x) for x in points)], rows)
 
 
+def by_grid_table(records: Records, field: str, label: Callable[[float], str]) -> str:
+    """Final held-out loss per method (rows) and grid value of ``field`` (columns)."""
+    return _grid_table(records, field, label, loss_cell)
+
+
+def _instability_cell(runs: Records) -> str:
+    bad = sum(unstable(r) for r in runs)
+    div = sum(r["diverged"] for r in runs)
+    return f"{bad}/{len(runs)}" + (f" ({div}d)" if div else "")
+
+
 def instability_table(records: Records, field: str, label: Callable[[float], str]) -> str:
     """Per grid value: runs that diverged or blew up, of all seeds (``d``: how many diverged)."""
-    points = grid(records, field)
-    rows = []
-    for m in methods_of(records):
-        cells = []
-        for x in points:
-            runs = select(records, method=m, **{field: x})
-            bad = sum(unstable(r) for r in runs)
-            div = sum(r["diverged"] for r in runs)
-            cells.append(f"{bad}/{len(runs)}" + (f" ({div}d)" if div else ""))
-        rows.append([METHODS[m], *cells])
-    return _table(["method", *(label(x) for x in points)], rows)
+    return _grid_table(records, field, label, _instability_cell)
 
 
 def paired(records: Records, method: str, **fields: object) -> metrics.PairedGaps:
@@ -174,20 +181,14 @@ def wd_spread_table(records: Records) -> str:
     return _table(header, rows)
 
 
+def _norm_ratio_cell(runs: Records) -> str:
+    ratios = [metrics.norm_summary(as_floats(r["grad_norm"])).ratio for r in runs]
+    return f"{statistics.median(ratios):.3g}"
+
+
 def norm_table(records: Records, field: str, label: Callable[[float], str]) -> str:
     """Per grid value: median over seeds of each run's max/median gradient norm."""
-    points = grid(records, field)
-    rows = []
-    for m in methods_of(records):
-        cells = []
-        for x in points:
-            ratios = [
-                metrics.norm_summary(as_floats(r["grad_norm"])).ratio
-                for r in select(records, method=m, **{field: x})
-            ]
-            cells.append(f"{statistics.median(ratios):.3g}")
-        rows.append([METHODS[m], *cells])
-    return _table(["method", *(label(x) for x in points)], rows)
+    return _grid_table(records, field, label, _norm_ratio_cell)
 
 
 def stable_range_text(records: Records, method: str) -> str:
