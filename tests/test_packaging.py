@@ -436,27 +436,31 @@ def test_gpu_without_cuda_kernels_gets_the_torch_backend_with_one_warning(tmp_pa
     assert "no CUDA kernels" in warning[1] and "python -m gradstab build" in warning[1]
 
 
-def test_gpu_architecture_without_code_is_named_in_the_one_warning(tmp_path):
-    """A library built for 8.0;9.0 without PTX, and an sm_120 GPU: the GPU gets the torch
-    backend and the warning names its architecture, instead of "no kernel image" mid-training."""
-    installed = ROOT / "gradstab" / _build.RECORD_NAME
-    if _build.read_record(installed) is None:
-        pytest.skip("gradstab._C was not built at install here (make setup builds it)")
+def installed_elsewhere(folder: Path, record: dict) -> str:
+    """Code that makes ``import gradstab._C`` find this checkout's library in ``folder``, beside
+    the build record ``record``: an installed library whose record says what the test needs."""
     (library,) = (ROOT / "gradstab").glob("_C.*.so")
-    fake = tmp_path / "pkg"
-    fake.mkdir()
-    (fake / library.name).symlink_to(library)
-    record = _build.read_record(installed)
-    record.update(cuda=True, arch_list="8.0;9.0")
-    _build.write_record(fake / _build.RECORD_NAME, record)
-    finder = f"""
+    folder.mkdir()
+    (folder / library.name).symlink_to(library)
+    _build.write_record(folder / _build.RECORD_NAME, record)
+    return f"""
 import importlib.util, sys
 class Elsewhere:
     def find_spec(self, name, path=None, target=None):
         if name == "gradstab._C":
-            return importlib.util.spec_from_file_location(name, {str(fake / library.name)!r})
+            return importlib.util.spec_from_file_location(name, {str(folder / library.name)!r})
 sys.meta_path.insert(0, Elsewhere())
 """
+
+
+def test_gpu_architecture_without_code_is_named_in_the_one_warning(tmp_path):
+    """A library built for 8.0;9.0 without PTX, and an sm_120 GPU: the GPU gets the torch
+    backend and the warning names its architecture, instead of "no kernel image" mid-training."""
+    record = _build.read_record(ROOT / "gradstab" / _build.RECORD_NAME)
+    if record is None:
+        pytest.skip("gradstab._C was not built at install here (make setup builds it)")
+    record.update(cuda=True, arch_list="8.0;9.0")
+    finder = installed_elsewhere(tmp_path / "pkg", record)
     report, _ = apply_report(FAKE_GPU + finder, env_with(tmp_path / "cache"))
     assert report["cpu"] and not report["cuda"] and report["backend"] == "cpu"
     (warning,) = report["warnings"]
@@ -528,23 +532,10 @@ def test_a_library_built_for_another_torch_is_not_imported(compiled_cache, tmp_p
     """A library whose record names another torch is never imported (a wrong ABI can crash
     rather than fail to import), even one that would load: the first use compiles instead."""
     cache, _ = compiled_cache
-    (library,) = (ROOT / "gradstab").glob("_C.*.so")
-    stale = tmp_path / "pkg"
-    stale.mkdir()
-    (stale / library.name).symlink_to(library)
-    _build.write_record(
-        stale / _build.RECORD_NAME,
-        _build.make_record("install", "1.0.0", None, _build.CudaChoice(False, "cpu"), None, 1.0),
+    other_torch = _build.make_record(
+        "install", "1.0.0", None, _build.CudaChoice(False, "cpu"), None, 1.0
     )
-    finder = f"""
-import importlib.util, sys
-class Elsewhere:
-    def find_spec(self, name, path=None, target=None):
-        if name == "gradstab._C":
-            return importlib.util.spec_from_file_location(name, {str(stale / library.name)!r})
-sys.meta_path.insert(0, Elsewhere())
-"""
-    report, _ = apply_report(finder, env_with(cache))
+    report, _ = apply_report(installed_elsewhere(tmp_path / "pkg", other_torch), env_with(cache))
     assert report["backend"] == "cpu" and report["origin"] == "first-use", report
     assert report["path"].startswith(str(cache)) and report["warnings"] == []
 
