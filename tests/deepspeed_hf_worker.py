@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -193,18 +192,13 @@ def main() -> None:
     out = Path(args.out)
     import deepspeed
 
+    from tests.deepspeed_worker import save_and_exit
+
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     torch.set_num_threads(1)
-    rank = dist.get_rank()
-    try:
-        results = {f"zero{stage}": run(stage, out) for stage in (2, 3)}
-        torch.save(results, out / f"rank{rank}.pt")
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    dist.barrier()
-    os._exit(0)
+    save_and_exit(
+        lambda: {f"zero{stage}": run(stage, out) for stage in (2, 3)}, out, dist.get_rank()
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ import os
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -326,17 +328,28 @@ def main() -> None:
     for stage in (2, 3):
         scenarios[f"resume/{stage}"] = lambda s=stage: run_resume(s, out)
     scenarios["errors"] = run_errors
-    try:
+
+    def run_scenarios() -> dict:
         for key, scenario in scenarios.items():
             if args.only is None or key.startswith(args.only):
                 results[key] = scenario()
-        torch.save(results, out / f"rank{rank}.pt")
+        return results
+
+    save_and_exit(run_scenarios, out, rank)
+
+
+def save_and_exit(results: Callable[[], dict], out: Path, rank: int) -> NoReturn:
+    """Saves ``results()`` as ``out/rank{rank}.pt`` and ends the process: exit status 1 with the
+    traceback if it raised, else 0 once every rank has saved. ``os._exit``: DeepSpeed's CPU
+    communication threads can abort an orderly interpreter exit."""
+    try:
+        torch.save(results(), out / f"rank{rank}.pt")
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)
     dist.barrier()
-    os._exit(0)  # DeepSpeed's CPU communication threads can abort an orderly interpreter exit
+    os._exit(0)
 
 
 if __name__ == "__main__":
